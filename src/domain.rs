@@ -1,0 +1,342 @@
+//! Validated user types. Everything that reaches the store has been parsed here
+//! first, so the store and the handlers never see a raw, unchecked proto value.
+
+use std::fmt;
+
+/// Longest nickname accepted, in characters.
+pub const NICKNAME_MAX_CHARS: usize = 64;
+/// RFC 5321 limits: 254 octets for a path, 64 for the local part.
+pub const MAIL_MAX_BYTES: usize = 254;
+const MAIL_LOCAL_MAX_BYTES: usize = 64;
+const MAIL_LABEL_MAX_BYTES: usize = 63;
+
+/// Why a value can't be a user; `field` is the proto field name, so clients
+/// can tell which of their inputs to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl ValidationError {
+    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A user id: the wire's uint32, never 0 (proto3's "unset").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UserId(u32);
+
+impl UserId {
+    pub fn new(raw: u32) -> Option<Self> {
+        (raw != 0).then_some(Self(raw))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for UserId {
+    type Error = ValidationError;
+
+    fn try_from(raw: u32) -> Result<Self, Self::Error> {
+        Self::new(raw).ok_or_else(|| ValidationError::new("id", "must not be 0"))
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The kinds of user a stored user can be. The wire's `NONE` (0) means
+/// "unset" and is never stored; it is handled at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UserType {
+    Normal,
+    Administrator,
+    Guest,
+    Disabled,
+}
+
+impl UserType {
+    pub const ALL: [UserType; 4] = [
+        UserType::Normal,
+        UserType::Administrator,
+        UserType::Guest,
+        UserType::Disabled,
+    ];
+
+    /// The wire and database number.
+    pub fn number(self) -> i32 {
+        match self {
+            UserType::Normal => 1,
+            UserType::Administrator => 2,
+            UserType::Guest => 3,
+            UserType::Disabled => 4,
+        }
+    }
+
+    pub fn from_number(n: i32) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.number() == n)
+    }
+
+    /// The proto enum name, as the seed file spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UserType::Normal => "NORMAL",
+            UserType::Administrator => "ADMINISTRATOR",
+            UserType::Guest => "GUEST",
+            UserType::Disabled => "DISABLED",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+/// What a request for users of one type asks for: a type, or the wire's
+/// `NONE`, which matches nobody.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeFilter {
+    Nobody,
+    Only(UserType),
+}
+
+impl TypeFilter {
+    pub fn from_number(n: i32) -> Result<Self, ValidationError> {
+        match n {
+            0 => Ok(TypeFilter::Nobody),
+            n => UserType::from_number(n)
+                .map(TypeFilter::Only)
+                .ok_or_else(|| ValidationError::new("user_type", format!("{n} is not a UserType"))),
+        }
+    }
+}
+
+fn parse_user_type(n: i32) -> Result<UserType, ValidationError> {
+    match TypeFilter::from_number(n)? {
+        TypeFilter::Only(t) => Ok(t),
+        TypeFilter::Nobody => Err(ValidationError::new(
+            "user_type",
+            "must be set (NONE is not a user type)",
+        )),
+    }
+}
+
+/// A nickname: 1 to 64 characters, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nickname(String);
+
+impl Nickname {
+    pub fn parse(raw: String) -> Result<Self, ValidationError> {
+        const FIELD: &str = "nickname";
+        if raw.is_empty() {
+            return Err(ValidationError::new(FIELD, "must not be empty"));
+        }
+        let chars = raw.chars().count();
+        if chars > NICKNAME_MAX_CHARS {
+            return Err(ValidationError::new(
+                FIELD,
+                format!("must be at most {NICKNAME_MAX_CHARS} characters, got {chars}"),
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                FIELD,
+                "must not contain control characters",
+            ));
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A plausible mail address: `local@domain`, length-limited, no spaces or
+/// control characters, a domain of well-formed labels. Deliverability is not
+/// our business; obvious garbage is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailAddress(String);
+
+impl MailAddress {
+    pub fn parse(raw: String) -> Result<Self, ValidationError> {
+        let invalid = |reason: &str| Err(ValidationError::new("mail_address", reason));
+        if raw.is_empty() {
+            return invalid("must not be empty");
+        }
+        if raw.len() > MAIL_MAX_BYTES {
+            return Err(ValidationError::new(
+                "mail_address",
+                format!("must be at most {MAIL_MAX_BYTES} bytes"),
+            ));
+        }
+        let Some((local, domain)) = raw.rsplit_once('@') else {
+            return invalid("must contain '@'");
+        };
+        if local.is_empty() || local.len() > MAIL_LOCAL_MAX_BYTES {
+            return invalid("the part before '@' must be 1 to 64 bytes");
+        }
+        if local.contains('@')
+            || local.starts_with('.')
+            || local.ends_with('.')
+            || local.contains("..")
+            || local
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "\"(),:;<>[\\]".contains(c))
+        {
+            return invalid("the part before '@' is not a plausible mailbox");
+        }
+        let labels_ok = domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= MAIL_LABEL_MAX_BYTES
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        });
+        if !labels_ok {
+            return invalid("the part after '@' is not a plausible domain");
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A stored user. Users are immutable once added (AddUser never overwrites).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: UserId,
+    pub nickname: Nickname,
+    pub mail_address: MailAddress,
+    pub user_type: UserType,
+}
+
+impl User {
+    /// Validates a user as a client (or the seed file) sent it, field by
+    /// field in wire order, so the first bad field is the one reported.
+    pub fn parse(
+        id: u32,
+        nickname: String,
+        mail_address: String,
+        user_type: i32,
+    ) -> Result<Self, ValidationError> {
+        Ok(User {
+            id: UserId::try_from(id)?,
+            nickname: Nickname::parse(nickname)?,
+            mail_address: MailAddress::parse(mail_address)?,
+            user_type: parse_user_type(user_type)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(id: u32, nickname: &str, mail: &str, user_type: i32) -> Result<User, ValidationError> {
+        User::parse(id, nickname.into(), mail.into(), user_type)
+    }
+
+    fn field_of(r: Result<User, ValidationError>) -> &'static str {
+        r.unwrap_err().field
+    }
+
+    #[test]
+    fn accepts_a_plain_user() {
+        let u = raw(7, "Zaru", "zaru@example.com", 1).unwrap();
+        assert_eq!(u.id.get(), 7);
+        assert_eq!(u.user_type, UserType::Normal);
+        assert_eq!(u.nickname.as_str(), "Zaru");
+    }
+
+    #[test]
+    fn accepts_unicode_nicknames_and_domains() {
+        raw(1, "Zäru 猿", "zaru@exämple.jp", 2).unwrap();
+        raw(1, &"é".repeat(64), "a.b+c@localhost", 2).unwrap();
+    }
+
+    #[test]
+    fn rejects_id_zero() {
+        assert_eq!(field_of(raw(0, "a", "a@b.c", 1)), "id");
+    }
+
+    #[test]
+    fn rejects_bad_nicknames() {
+        for nick in ["", "a\u{0}b", "tab\there", "new\nline", &"x".repeat(65)] {
+            assert_eq!(field_of(raw(1, nick, "a@b.c", 1)), "nickname", "{nick:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_implausible_mail_addresses() {
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        let long_total = format!("a@{}.com", "b".repeat(60).repeat(5));
+        for mail in [
+            "",
+            "no-at-sign",
+            "@example.com",
+            "user@",
+            "a@b@c.com",
+            "two words@example.com",
+            "user@exa mple.com",
+            "user@.com",
+            "user@example..com",
+            "user@-example.com",
+            ".user@example.com",
+            "us..er@example.com",
+            "user@exam_ple.com",
+            "ctrl\u{7}@example.com",
+            &long_local,
+            &long_total,
+        ] {
+            assert_eq!(field_of(raw(1, "n", mail, 1)), "mail_address", "{mail:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_none_and_unknown_user_types() {
+        for t in [0, 5, -1, i32::MAX] {
+            assert_eq!(field_of(raw(1, "n", "a@b.c", t)), "user_type", "{t}");
+        }
+    }
+
+    #[test]
+    fn type_filter_maps_none_to_nobody() {
+        assert_eq!(TypeFilter::from_number(0), Ok(TypeFilter::Nobody));
+        assert_eq!(
+            TypeFilter::from_number(3),
+            Ok(TypeFilter::Only(UserType::Guest))
+        );
+        assert_eq!(TypeFilter::from_number(9).unwrap_err().field, "user_type");
+    }
+
+    #[test]
+    fn user_type_names_and_numbers_round_trip() {
+        for t in UserType::ALL {
+            assert_eq!(UserType::from_number(t.number()), Some(t));
+            assert_eq!(UserType::from_name(t.name()), Some(t));
+        }
+        assert_eq!(UserType::from_name("NONE"), None);
+    }
+}

@@ -1,0 +1,16 @@
+//! user-manager: the UserManager gRPC service over SQLite.
+//!
+//! `main.rs` only wires the command line to [`server::Application`]; tests go
+//! through the same `Application::build` path.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod proto;
+pub mod seed;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod telemetry;

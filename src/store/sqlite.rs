@@ -1,0 +1,369 @@
+//! SQLite through sqlx. Reads use a small pool; all writes go through one
+//! dedicated connection (SQLite has a single writer), and concurrent AddUser
+//! calls are committed together: one transaction and one WAL sync for all
+//! inserts that arrived while the previous commit ran (group commit).
+
+use std::{path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+
+use sqlx::{
+    Connection, SqliteConnection, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::{AddOutcome, SeedOutcome, StoreError, UserStore};
+use crate::{
+    config::{DatabaseSettings, Synchronous},
+    domain::{User, UserId, UserType},
+};
+
+/// Inserts committed in one transaction at most; bounds a commit's latency.
+const MAX_GROUP_COMMIT: usize = 256;
+/// AddUser calls waiting for the writer before callers wait to enqueue.
+const INSERT_QUEUE: usize = 1024;
+
+const SELECT_BY_ID: &str = "SELECT id, nickname, mail_address, user_type FROM users WHERE id = ?1";
+const SELECT_MANY: &str = "SELECT u.id, u.nickname, u.mail_address, u.user_type \
+     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value ORDER BY j.key";
+const COUNT_MANY: &str =
+    "SELECT COUNT(*) FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
+const SELECT_PAGE_BY_TYPE: &str = "SELECT id, nickname, mail_address, user_type FROM users \
+     WHERE user_type = ?1 AND id > ?2 ORDER BY id LIMIT ?3";
+const INSERT: &str = "INSERT INTO users (id, nickname, mail_address, user_type) \
+     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING";
+
+type Row = (i64, String, String, i64);
+
+struct InsertRequest {
+    user: User,
+    reply: oneshot::Sender<Result<AddOutcome, StoreError>>,
+}
+
+/// The write connection; `None` once the store is closed.
+type Writer = Arc<Mutex<Option<SqliteConnection>>>;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    reads: SqlitePool,
+    writer: Writer,
+    inserts: mpsc::Sender<InsertRequest>,
+    /// The database file, for readiness checks; `None` for in-memory databases.
+    file: Option<PathBuf>,
+    options: SqliteConnectOptions,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database, its directory included.
+    /// Must be called inside a tokio runtime: it spawns the writer task.
+    pub async fn open(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(&settings.url)
+            .map_err(|e| StoreError::Unavailable(format!("database.url: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match settings.synchronous {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
+            .foreign_keys(true);
+        let file = Some(options.get_filename().to_path_buf())
+            .filter(|p| !p.as_os_str().is_empty() && p.as_os_str() != ":memory:");
+        if let Some(dir) = file.as_deref().and_then(std::path::Path::parent)
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("creating directory {}: {e}", dir.display()))
+            })?;
+        }
+
+        // The writer connects first: it creates the file and switches it to WAL.
+        let writer = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(|e| classify(e, "opening the database"))?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_millis(settings.busy_timeout_ms))
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| classify(e, "opening the read pool"))?;
+
+        let writer: Writer = Arc::new(Mutex::new(Some(writer)));
+        let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
+        tokio::spawn(run_writer(writer.clone(), queue));
+        Ok(Self {
+            reads,
+            writer,
+            inserts,
+            file,
+            options,
+        })
+    }
+}
+
+impl UserStore for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // Through the pool: sqlx's `Acquire` for `&mut SqliteConnection` is not
+        // general enough for a `Send` future. The writer is idle at this point.
+        sqlx::migrate!("./migrations")
+            .run(&self.reads)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => classify(e, "migrating"),
+                other => StoreError::Internal(format!("migrating: {other}")),
+            })
+    }
+
+    async fn seed(&self, users: &[User]) -> Result<SeedOutcome, StoreError> {
+        let mut guard = self.writer.lock().await;
+        let conn = guard.as_mut().ok_or_else(closed)?;
+        let ctx = "importing the seed";
+        let mut tx = conn.begin().await.map_err(|e| classify(e, ctx))?;
+        let done: Option<i64> = sqlx::query_scalar("SELECT 1 FROM seed_state")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| classify(e, ctx))?;
+        if done.is_some() {
+            return Ok(SeedOutcome::AlreadyImported);
+        }
+        let mut imported = 0;
+        for user in users {
+            imported += insert(&mut tx, user).await.map_err(|e| classify(e, ctx))?;
+        }
+        sqlx::query(
+            "INSERT INTO seed_state (singleton, applied_at, user_count) \
+             VALUES (1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?1)",
+        )
+        .bind(imported as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, ctx))?;
+        tx.commit().await.map_err(|e| classify(e, ctx))?;
+        Ok(SeedOutcome::Imported { users: imported })
+    }
+
+    async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        sqlx::query_as::<_, Row>(SELECT_BY_ID)
+            .bind(i64::from(id.get()))
+            .fetch_optional(&self.reads)
+            .await
+            .map_err(|e| classify(e, "reading a user"))?
+            .map(to_user)
+            .transpose()
+    }
+
+    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
+        sqlx::query_as::<_, Row>(SELECT_MANY)
+            .bind(json_array(ids))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(|e| classify(e, "reading users by id"))?
+            .into_iter()
+            .map(to_user)
+            .collect()
+    }
+
+    async fn count_existing(&self, ids: &[UserId]) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(COUNT_MANY)
+            .bind(json_array(ids))
+            .fetch_one(&self.reads)
+            .await
+            .map_err(|e| classify(e, "counting users"))?;
+        Ok(n.try_into().unwrap_or(0))
+    }
+
+    async fn add(&self, user: User) -> Result<AddOutcome, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        self.inserts
+            .send(InsertRequest { user, reply })
+            .await
+            .map_err(|_| closed())?;
+        outcome.await.map_err(|_| closed())?
+    }
+
+    async fn page_by_type(
+        &self,
+        user_type: UserType,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<User>, StoreError> {
+        sqlx::query_as::<_, Row>(SELECT_PAGE_BY_TYPE)
+            .bind(user_type.number())
+            .bind(after.map_or(0, |id| i64::from(id.get())))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reads)
+            .await
+            .map_err(|e| classify(e, "reading users by type"))?
+            .into_iter()
+            .map(to_user)
+            .collect()
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        // Open connections keep reading a file that was deleted or replaced,
+        // so readiness opens a fresh one at the configured path, never creating it.
+        let ctx = "checking the database";
+        let mut conn =
+            SqliteConnection::connect_with(&self.options.clone().create_if_missing(false))
+                .await
+                .map_err(|e| classify(e, ctx))?;
+        let result = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM seed_state")
+            .fetch_one(&mut conn)
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, ctx));
+        let _ = conn.close().await;
+        if let Some(file) = &self.file
+            && !file.exists()
+        {
+            return Err(StoreError::Unavailable(format!(
+                "{} is gone",
+                file.display()
+            )));
+        }
+        result
+    }
+
+    async fn close(&self) {
+        self.reads.close().await;
+        // The last connection to close checkpoints the WAL into the database file.
+        if let Some(conn) = self.writer.lock().await.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::warn!(error = %e, "closing the database");
+        }
+    }
+}
+
+async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<InsertRequest>) {
+    let mut batch = Vec::with_capacity(MAX_GROUP_COMMIT);
+    while queue.recv_many(&mut batch, MAX_GROUP_COMMIT).await > 0 {
+        // A caller that went away was never acknowledged: don't write for it.
+        batch.retain(|r| !r.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let result = match writer.lock().await.as_mut() {
+            Some(conn) => insert_batch(conn, &batch).await,
+            None => Err(closed()),
+        };
+        match result {
+            Ok(outcomes) => {
+                for (req, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = req.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for req in batch.drain(..) {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Inserts every request's user in one transaction: all commit, or none do.
+async fn insert_batch(
+    conn: &mut SqliteConnection,
+    batch: &[InsertRequest],
+) -> Result<Vec<AddOutcome>, StoreError> {
+    let ctx = "adding users";
+    let mut tx = conn.begin().await.map_err(|e| classify(e, ctx))?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for req in batch {
+        let inserted = insert(&mut tx, &req.user)
+            .await
+            .map_err(|e| classify(e, ctx))?;
+        outcomes.push(if inserted == 1 {
+            AddOutcome::Added
+        } else {
+            AddOutcome::AlreadyExists
+        });
+    }
+    tx.commit().await.map_err(|e| classify(e, ctx))?;
+    Ok(outcomes)
+}
+
+/// Inserts one user unless the id is taken; returns the rows inserted (0 or 1).
+async fn insert(conn: &mut SqliteConnection, user: &User) -> Result<usize, sqlx::Error> {
+    let done = sqlx::query(INSERT)
+        .bind(i64::from(user.id.get()))
+        .bind(user.nickname.as_str())
+        .bind(user.mail_address.as_str())
+        .bind(user.user_type.number())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() as usize)
+}
+
+fn to_user((id, nickname, mail_address, user_type): Row) -> Result<User, StoreError> {
+    let id_u32 = u32::try_from(id)
+        .map_err(|_| StoreError::Internal(format!("stored id {id} is not a uint32")))?;
+    let type_i32 = i32::try_from(user_type).unwrap_or(-1);
+    User::parse(id_u32, nickname, mail_address, type_i32)
+        .map_err(|e| StoreError::Internal(format!("stored user {id} is invalid: {e}")))
+}
+
+/// Ids as a JSON array, for `json_each`: one statement for any batch size.
+fn json_array(ids: &[UserId]) -> String {
+    use std::fmt::Write;
+    let mut json = String::with_capacity(ids.len() * 8 + 2);
+    json.push('[');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        let _ = write!(json, "{id}");
+    }
+    json.push(']');
+    json
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
+/// Sorts driver errors by what a client can do about them (see SQLite's
+/// primary result codes); the text goes to the log, never to the client.
+fn classify(err: sqlx::Error, context: &str) -> StoreError {
+    const SQLITE_PERM: i32 = 3;
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    const SQLITE_READONLY: i32 = 8;
+    const SQLITE_IOERR: i32 = 10;
+    const SQLITE_FULL: i32 = 13;
+    const SQLITE_CANTOPEN: i32 = 14;
+    const SQLITE_PROTOCOL: i32 = 15;
+    let detail = format!("{context}: {err}");
+    match &err {
+        sqlx::Error::Database(db) => {
+            let primary = db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .map_or(0, |c| c & 0xff);
+            match primary {
+                SQLITE_FULL => StoreError::Full(detail),
+                SQLITE_PERM | SQLITE_BUSY | SQLITE_LOCKED | SQLITE_READONLY | SQLITE_IOERR
+                | SQLITE_CANTOPEN | SQLITE_PROTOCOL => StoreError::Unavailable(detail),
+                _ => StoreError::Internal(detail),
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(detail),
+        _ => StoreError::Internal(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_array_lists_ids_in_order() {
+        let ids: Vec<UserId> = [3, 1, 3].into_iter().filter_map(UserId::new).collect();
+        assert_eq!(json_array(&ids), "[3,1,3]");
+        assert_eq!(json_array(&[]), "[]");
+    }
+}
