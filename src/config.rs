@@ -24,6 +24,9 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub seed: SeedSettings,
+    pub health: HealthSettings,
+    pub reflection: ReflectionSettings,
+    pub telemetry: TelemetrySettings,
     pub log: LogSettings,
 }
 
@@ -31,6 +34,27 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
+    pub request_timeout_ms: u64,
+    pub lame_duck_ms: u64,
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    pub check_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReflectionSettings {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub otlp_endpoint: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
