@@ -1,0 +1,128 @@
+//! The benchmark's users are a pure function of their id, so the load
+//! generator checks every answer without keeping a copy of the database, and
+//! the reference server and SQLite hold exactly the same users.
+
+use std::{path::Path, str::FromStr};
+
+use anyhow::Context;
+use sqlx::{
+    ConnectOptions, Connection,
+    sqlite::{SqliteConnectOptions, SqliteSynchronous},
+};
+use user_manager::proto::User;
+
+/// The type GetUsersByType asks for: ids with `id % 4 == 1`, a quarter of them.
+pub const STREAMED_TYPE: i32 = 2;
+
+pub fn user_type(id: u32) -> i32 {
+    (id % 4) as i32 + 1
+}
+
+pub fn user(id: u32) -> User {
+    User {
+        id,
+        nickname: format!("user{id}"),
+        mail_address: format!("user{id}@example.com"),
+        user_type: user_type(id),
+    }
+}
+
+/// Whether `got` is the user the benchmark stored under `id`, without allocating.
+pub fn is_user(got: &User, id: u32) -> bool {
+    let number = |s: Option<&str>| s.and_then(|s| s.parse::<u32>().ok());
+    got.id == id
+        && got.user_type == user_type(id)
+        && number(got.nickname.strip_prefix("user")) == Some(id)
+        && number(
+            got.mail_address
+                .strip_prefix("user")
+                .and_then(|s| s.strip_suffix("@example.com")),
+        ) == Some(id)
+}
+
+/// How many users of `STREAMED_TYPE` a database of `users` users holds.
+pub fn streamed_count(users: u32) -> u64 {
+    (1..=users)
+        .filter(|&id| user_type(id) == STREAMED_TYPE)
+        .count() as u64
+}
+
+/// Writes users 1..=`users` into a database that `user-manager migrate` has
+/// created: one statement inside SQLite, far faster than a million AddUser
+/// calls. Durability is off for the load only; the server opens the file
+/// with its own settings afterwards.
+pub async fn populate(db: &Path, users: u32) -> anyhow::Result<()> {
+    let mut conn = SqliteConnectOptions::from_str(&format!("sqlite://{}", db.display()))?
+        .synchronous(SqliteSynchronous::Off)
+        .connect()
+        .await
+        .context("opening the benchmark database")?;
+    sqlx::query(
+        "WITH RECURSIVE seq(id) AS (SELECT 1 UNION ALL SELECT id + 1 FROM seq WHERE id < ?1) \
+         INSERT INTO users (id, nickname, mail_address, user_type) \
+         SELECT id, 'user' || id, 'user' || id || '@example.com', id % 4 + 1 FROM seq",
+    )
+    .bind(i64::from(users))
+    .execute(&mut conn)
+    .await
+    .context("inserting the users")?;
+    // Starting the server must not replay a large WAL: fold it into the file.
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .context("checkpointing")?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// SplitMix64: a tiny, fast generator; reproducible per seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A uniformly drawn id in 1..=`users`.
+    pub fn id(&mut self, users: u32) -> u32 {
+        (((self.next_u64() >> 32) * u64::from(users)) >> 32) as u32 + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_user_accepts_only_the_generated_user() {
+        assert!(is_user(&user(42), 42));
+        assert!(!is_user(&user(42), 43));
+        let mut wrong = user(42);
+        wrong.mail_address = "user42@example.org".into();
+        assert!(!is_user(&wrong, 42));
+    }
+
+    #[test]
+    fn ids_stay_in_range() {
+        let mut rng = Rng::new(1);
+        assert!(
+            (0..10_000)
+                .map(|_| rng.id(7))
+                .all(|id| (1..=7).contains(&id))
+        );
+    }
+
+    #[test]
+    fn a_quarter_of_the_users_are_streamed() {
+        assert_eq!(streamed_count(1_000_000), 250_000);
+        assert_eq!(streamed_count(5), 2);
+    }
+}

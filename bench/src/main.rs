@@ -1,0 +1,569 @@
+//! `bench`: user-manager measured against a bare tonic server of the same
+//! proto, side by side in one run, every figure a ratio to that reference.
+//!
+//! `cargo run --release -p user-manager-bench -- --quick|--full|--smoke`
+//! builds the release server, loads a fresh temporary database, runs every
+//! workload against both servers, prints the report and (except in smoke
+//! mode) writes it into BENCHMARKS.md.
+
+mod dataset;
+mod load;
+mod process;
+mod reference;
+mod report;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    process::{Command, ExitCode, Stdio},
+    sync::{Arc, atomic::AtomicU32},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tonic::transport::Channel;
+
+use crate::{
+    load::{Outcome, Window},
+    process::ServerProcess,
+    report::{Measured, MinRatio, Pair, Report},
+};
+
+/// Streams in flight for GetUser and AddUser, spread over the connections.
+const CALLERS: usize = 64;
+/// HTTP/2 connections the load generator opens to each server.
+const CONNECTIONS: usize = 4;
+
+/// Load user-manager and a bare tonic reference server side by side.
+#[derive(Parser)]
+#[command(about)]
+struct Cli {
+    /// Seconds: tiny sizes, checks that everything works (CI runs this).
+    #[arg(long, conflicts_with_all = ["quick", "full"])]
+    smoke: bool,
+    /// About a minute: 1M users, one pass of every workload (the default).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// A few minutes: 1M users, best of three passes, longer windows.
+    #[arg(long)]
+    full: bool,
+    /// The user-manager binary to measure (default: `cargo build --release` it).
+    #[arg(long, value_name = "PATH")]
+    server_bin: Option<PathBuf>,
+    /// Where to write the results (default: BENCHMARKS.md, except with --smoke).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Users in the database (default: 1,000,000; 2,000 with --smoke).
+    #[arg(long)]
+    users: Option<u32>,
+    /// Directory for the temporary database (default: the system's temp dir).
+    #[arg(long, value_name = "DIR")]
+    db_dir: Option<PathBuf>,
+    /// Internal: serve as the reference server on ADDR.
+    #[arg(long, value_name = "ADDR", hide = true)]
+    reference_server: Option<SocketAddr>,
+}
+
+/// Sizes and durations of one mode.
+struct Plan {
+    mode: &'static str,
+    users: u32,
+    /// Passes per workload; the best pass of each server is kept.
+    passes: usize,
+    window: Window,
+    count_ids: u32,
+    ids_per_stream: u32,
+    starts: usize,
+}
+
+impl Plan {
+    fn of(cli: &Cli) -> Self {
+        let secs = Duration::from_secs_f64;
+        let mut plan = if cli.smoke {
+            Plan {
+                mode: "smoke",
+                users: 2_000,
+                passes: 1,
+                window: Window {
+                    warmup: secs(0.1),
+                    measure: secs(0.3),
+                },
+                count_ids: 5_000,
+                ids_per_stream: 2_000,
+                starts: 2,
+            }
+        } else if cli.full {
+            Plan {
+                mode: "full",
+                users: 1_000_000,
+                passes: 3,
+                window: Window {
+                    warmup: secs(1.0),
+                    measure: secs(4.0),
+                },
+                count_ids: 1_000_000,
+                ids_per_stream: 250_000,
+                starts: 5,
+            }
+        } else {
+            Plan {
+                mode: "quick",
+                users: 1_000_000,
+                passes: 1,
+                window: Window {
+                    warmup: secs(0.5),
+                    measure: secs(2.0),
+                },
+                count_ids: 1_000_000,
+                ids_per_stream: 100_000,
+                starts: 3,
+            }
+        };
+        if let Some(users) = cli.users {
+            plan.users = users;
+        }
+        plan
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(listen) = cli.reference_server {
+        return match reference::serve(listen, cli.users.unwrap_or(0)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("reference server: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(failures) => {
+            eprintln!("bench: {failures} responses were wrong or failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One server under load, with the connections the load generator uses.
+struct Side {
+    server: ServerProcess,
+    channels: Vec<Channel>,
+    /// The next id AddUser will add.
+    next_id: Arc<AtomicU32>,
+}
+
+type Work<'a> = Pin<Box<dyn Future<Output = Outcome> + 'a>>;
+
+/// Runs `work` against both servers `passes` times, alternating which goes
+/// first, and keeps each server's best pass: noise from other processes only
+/// ever slows a pass down.
+async fn compare(
+    sides: &mut [Side; 2],
+    passes: usize,
+    work: impl for<'a> Fn(&'a Side) -> Work<'a>,
+) -> anyhow::Result<Pair> {
+    let mut best: [Option<Measured>; 2] = [None, None];
+    for pass in 0..passes {
+        let order = if pass % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let m = measure(&mut sides[i], &work).await?;
+            let better = best[i].as_ref().is_none_or(|b| {
+                (m.outcome.failures, -m.outcome.rate()) < (b.outcome.failures, -b.outcome.rate())
+            });
+            if better {
+                best[i] = Some(m);
+            }
+        }
+    }
+    let [Some(reference), Some(ours)] = best else {
+        bail!("no pass was run");
+    };
+    Ok([reference, ours])
+}
+
+/// Runs one workload against one server, with the server's CPU time and
+/// peak memory over it.
+async fn measure(
+    side: &mut Side,
+    work: impl for<'a> Fn(&'a Side) -> Work<'a>,
+) -> anyhow::Result<Measured> {
+    side.server.ensure_running()?;
+    side.server.reset_peak();
+    let cpu = side.server.cpu_time();
+    let outcome = work(side).await;
+    let server_cpu = side.server.cpu_time().saturating_sub(cpu);
+    let peak_rss_kib = side.server.peak_rss_kib();
+    side.server.ensure_running()?;
+    Ok(Measured {
+        outcome,
+        server_cpu,
+        peak_rss_kib,
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u64> {
+    let plan = Plan::of(&cli);
+    if cfg!(debug_assertions) && !cli.smoke {
+        eprintln!("bench: warning: the load generator is a debug build; use `cargo run --release`");
+    }
+    let binary = match &cli.server_bin {
+        Some(path) => path.clone(),
+        None => build_server()?,
+    };
+    let tmp = match &cli.db_dir {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("user-manager-bench.")
+            .tempdir_in(dir),
+        None => tempfile::Builder::new()
+            .prefix("user-manager-bench.")
+            .tempdir(),
+    }
+    .context("creating the temporary database directory")?;
+    let db = tmp.path().join("users.db");
+    let log = tmp.path().join("server.log");
+
+    eprintln!(
+        "bench: {} mode, {} users, database in {}",
+        plan.mode,
+        plan.users,
+        tmp.path().display()
+    );
+    let load_before = loadavg();
+    let prepared = Instant::now();
+    let migrated = process::user_manager_command(&binary, &db)
+        .arg("migrate")
+        .stdout(Stdio::null())
+        .status()
+        .context("running user-manager migrate")?;
+    if !migrated.success() {
+        bail!("user-manager migrate failed ({migrated})");
+    }
+    dataset::populate(&db, plan.users).await?;
+    eprintln!(
+        "bench: database ready in {:.1} s",
+        prepared.elapsed().as_secs_f64()
+    );
+
+    let mut startups = Vec::new();
+    let started = Instant::now();
+    let mut ours = ServerProcess::user_manager(&binary, &db, &log)?;
+    startups.push(ours.wait_serving(started).await?);
+    let mut reference = ServerProcess::reference(plan.users)?;
+    reference.wait_answering().await?;
+    // Idle memory after the process settled (the health checker has run).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = [reference.rss_kib(), ours.rss_kib()];
+
+    let mut sides = [reference, ours].map(|server| Side {
+        server,
+        channels: Vec::new(),
+        next_id: Arc::new(AtomicU32::new(plan.users + 1)),
+    });
+    for side in &mut sides {
+        side.channels = side.server.connect(CONNECTIONS).await?;
+    }
+
+    let (users, window) = (plan.users, plan.window);
+    let mut report = Report::default();
+    report.throughput_table();
+
+    eprintln!("bench: GetUser");
+    let get_user = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::get_user(&s.channels, users, CALLERS, window, None))
+    })
+    .await?;
+    report.workload(
+        &format!("GetUser, {CALLERS} callers"),
+        "request",
+        &get_user,
+        MinRatio(0.75),
+    );
+
+    eprintln!("bench: GetUser at half of the peak rate");
+    let half = [0, 1].map(|i| get_user[i].outcome.rate() / 2.0);
+    let mut paced = Vec::new();
+    for (i, side) in sides.iter_mut().enumerate() {
+        let rate = half[i];
+        paced.push(
+            measure(side, |s| {
+                Box::pin(load::get_user(
+                    &s.channels,
+                    users,
+                    CALLERS,
+                    window,
+                    Some(rate),
+                ))
+            })
+            .await?,
+        );
+    }
+    let paced: Pair = paced.try_into().map_err(|_| anyhow::anyhow!("two sides"))?;
+    report.paced(
+        "GetUser at half its peak rate",
+        &paced,
+        Duration::from_millis(1),
+    );
+
+    eprintln!("bench: GetUsersByType");
+    let by_type = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::users_by_type(&s.channels[0], users))
+    })
+    .await?;
+    report.workload(
+        &format!(
+            "GetUsersByType, {} of {} users",
+            dataset::streamed_count(users),
+            users
+        ),
+        "message",
+        &by_type,
+        MinRatio(0.5),
+    );
+
+    eprintln!("bench: CountAlreadyUsers");
+    let count_ids = plan.count_ids;
+    let count = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::count_already_users(&s.channels[0], users, count_ids))
+    })
+    .await?;
+    report.workload(
+        &format!("CountAlreadyUsers, {count_ids} ids in one stream"),
+        "id",
+        &count,
+        MinRatio(0.5),
+    );
+
+    eprintln!("bench: GetUsersByIds");
+    let ping_pong = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::users_by_ids_ping_pong(&s.channels[0], users, window))
+    })
+    .await?;
+    report.workload(
+        "GetUsersByIds, ping-pong on one stream",
+        "round trip",
+        &ping_pong,
+        MinRatio(0.5),
+    );
+    let per_stream = plan.ids_per_stream;
+    let by_ids = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::users_by_ids_bulk(&s.channels, users, per_stream))
+    })
+    .await?;
+    report.workload(
+        &format!("GetUsersByIds, {CONNECTIONS} streams of {per_stream} ids"),
+        "message",
+        &by_ids,
+        MinRatio(0.5),
+    );
+
+    // Last, because it grows the database the other workloads check against.
+    eprintln!("bench: AddUser");
+    let add_user = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::add_user(
+            &s.channels,
+            s.next_id.clone(),
+            CALLERS,
+            window,
+        ))
+    })
+    .await?;
+    report.workload(
+        &format!("AddUser, {CALLERS} callers"),
+        "request",
+        &add_user,
+        MinRatio(0.25),
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_after = [sides[0].server.rss_kib(), sides[1].server.rss_kib()];
+    let peak = |i: usize| {
+        [
+            &get_user, &paced, &by_type, &count, &ping_pong, &by_ids, &add_user,
+        ]
+        .iter()
+        .filter_map(|pair| pair[i].peak_rss_kib)
+        .max()
+    };
+    let peaks = [peak(0), peak(1)];
+    let [reference, ours] = sides.map(|s| s.server);
+    drop(reference);
+    ours.terminate()?;
+
+    eprintln!("bench: start-up");
+    let mut idle_fresh = None;
+    for _ in 0..plan.starts {
+        let started = Instant::now();
+        let mut ours = ServerProcess::user_manager(&binary, &db, &log)?;
+        startups.push(ours.wait_serving(started).await?);
+        if idle_fresh.is_none() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            idle_fresh = ours.rss_kib();
+        }
+        ours.terminate()?;
+    }
+
+    report.text("");
+    report.memory_table();
+    let mib = Some;
+    report.memory(
+        "resident, idle after start",
+        idle[1].max(idle_fresh),
+        idle[0],
+        mib(32.0),
+    );
+    report.memory(
+        "resident, idle after the workloads",
+        idle_after[1],
+        idle_after[0],
+        None,
+    );
+    report.memory("peak resident, all workloads", peaks[1], peaks[0], None);
+    report.memory(
+        "peak resident, GetUsersByType stream",
+        by_type[1].peak_rss_kib,
+        by_type[0].peak_rss_kib,
+        mib(64.0),
+    );
+    report.memory(
+        "peak resident, CountAlreadyUsers stream",
+        count[1].peak_rss_kib,
+        count[0].peak_rss_kib,
+        mib(64.0),
+    );
+    report.memory(
+        "peak resident, GetUsersByIds streams",
+        by_ids[1].peak_rss_kib,
+        by_ids[0].peak_rss_kib,
+        mib(64.0),
+    );
+    report.startup(
+        &format!("start to SERVING, {users} users"),
+        &mut startups,
+        Duration::from_millis(300),
+    );
+
+    let results = format!(
+        "{}\n{}",
+        context(&plan, &binary, tmp.path(), &load_before),
+        report.render()
+    );
+    println!("{results}");
+    let out = match (&cli.out, cli.smoke) {
+        (Some(out), _) => Some(out.clone()),
+        (None, false) => Some(workspace_root().join("BENCHMARKS.md")),
+        (None, true) => None,
+    };
+    if let Some(out) = out {
+        report::write_into(&out, &results)?;
+        eprintln!("bench: results written to {}", out.display());
+    }
+    Ok(report.failures)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds the release server with cargo and returns the binary's path.
+fn build_server() -> anyhow::Result<PathBuf> {
+    eprintln!("bench: cargo build --release --bin user-manager");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--bin",
+            "user-manager",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !output.status.success() {
+        bail!("cargo build --release --bin user-manager failed");
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["target"]["name"] == "user-manager")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the user-manager executable")
+}
+
+/// What the numbers depend on: mode, machine, load, code version.
+fn context(plan: &Plan, binary: &Path, db_dir: &Path, load_before: &str) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        ""
+    } else {
+        " with uncommitted changes"
+    };
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let filesystem = Command::new("df")
+        .args(["--output=fstype"])
+        .arg(db_dir)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .nth(1)
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".into());
+    format!(
+        "Latest run: `bench --{mode}` on {date}, commit {commit}{dirty}.\n\
+         Machine: **{cores} cores** ({cpu}); load generator, reference and user-manager \
+         share them over loopback. Load average before the run: {load_before}; after: {load_after}.\n\
+         Database: {users} users in a fresh {filesystem} temporary directory; server binary {binary}.\n\
+         GetUser and AddUser: {CALLERS} callers over {CONNECTIONS} HTTP/2 connections; \
+         {passes} pass(es) per workload, each server's best kept; windows of {measure:.1} s after {warmup:.1} s warm-up.\n",
+        mode = plan.mode,
+        load_after = loadavg(),
+        users = plan.users,
+        binary = binary.display(),
+        passes = plan.passes,
+        measure = plan.window.measure.as_secs_f64(),
+        warmup = plan.window.warmup.as_secs_f64(),
+    )
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
