@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod proto;
+pub mod rpc_trace;
 pub mod seed;
 pub mod server;
 pub mod service;

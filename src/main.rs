@@ -37,15 +37,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = telemetry::init(&settings.log) {
-        eprintln!("user-manager: setting up logging: {e:#}");
-        return ExitCode::from(2);
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("user-manager: starting the runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    // Inside the runtime: the OTLP exporter's connection is spawned on it.
+    let telemetry = match runtime.block_on(async { telemetry::init(&settings) }) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("user-manager: setting up logging and traces: {e:#}");
+            return ExitCode::from(2);
         }
     };
     let result = runtime.block_on(async {
@@ -62,6 +66,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // After the server drained: the spans of every finished RPC get exported.
+    runtime.block_on(telemetry.shutdown());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -113,6 +113,7 @@ impl Application {
         }
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let served = Server::builder()
+            .layer(crate::rpc_trace::RpcTraceLayer::new())
             .add_service(self.health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

