@@ -115,45 +115,192 @@ pub struct Sources {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
-impl Settings {
-    /// Reads the process's own sources: `APP_ENV`, the given file and the environment.
-    pub fn load(file: Option<PathBuf>) -> Result<Self, ConfigError> {
-        Self::load_from(Sources {
+/// One effective setting, for `user-manager config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explained {
+    /// `section.key`
+    pub key: String,
+    /// The value as TOML would spell it, or `"<redacted>"`.
+    pub value: String,
+    /// `default`, `file PATH` or `env VAR`.
+    pub source: String,
+}
+
+/// One layer of configuration, in the order they apply.
+enum Layer {
+    Embedded,
+    File { path: PathBuf, required: bool },
+    Env(Option<config::Map<String, String>>),
+}
+
+impl Layer {
+    fn add_to(
+        &self,
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+    ) -> config::ConfigBuilder<config::builder::DefaultState> {
+        match self {
+            Layer::Embedded => builder.add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml)),
+            Layer::File { path, required } => builder.add_source(
+                File::from(path.as_path())
+                    .format(FileFormat::Toml)
+                    .required(*required),
+            ),
+            Layer::Env(map) => builder.add_source(
+                Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(map.clone()),
+            ),
+        }
+    }
+
+    fn label(&self, key: &str) -> String {
+        match self {
+            Layer::Embedded => "default".into(),
+            Layer::File { path, .. } => format!("file {}", path.display()),
+            Layer::Env(_) => format!(
+                "env {ENV_PREFIX}__{}",
+                key.replace('.', "__").to_uppercase()
+            ),
+        }
+    }
+}
+
+impl Sources {
+    /// This process's sources: `APP_ENV`, the given file, the environment.
+    pub fn of_process(file: Option<PathBuf>) -> Self {
+        Sources {
             app_env: std::env::var("APP_ENV").ok().filter(|s| !s.is_empty()),
             file,
             env: None,
-        })
+        }
     }
 
-    pub fn load_from(sources: Sources) -> Result<Self, ConfigError> {
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
-        if let Some(app_env) = &sources.app_env {
-            let path = Path::new(ENV_CONFIG_DIR).join(format!("{app_env}.toml"));
-            builder = builder.add_source(File::from(path).required(false));
+    fn layers(&self) -> Result<Vec<Layer>, ConfigError> {
+        let mut layers = vec![Layer::Embedded];
+        if let Some(app_env) = &self.app_env {
+            layers.push(Layer::File {
+                path: Path::new(ENV_CONFIG_DIR).join(format!("{app_env}.toml")),
+                required: false,
+            });
         }
-        if let Some(file) = &sources.file {
+        if let Some(file) = &self.file {
             if !file.is_file() {
                 return Err(ConfigError(format!(
                     "config file {} does not exist or is not a file",
                     file.display()
                 )));
             }
-            builder = builder.add_source(File::from(file.as_path()).format(FileFormat::Toml));
+            layers.push(Layer::File {
+                path: file.clone(),
+                required: true,
+            });
         }
-        let settings: Settings = builder
-            .add_source(
-                Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(sources.env),
-            )
+        layers.push(Layer::Env(self.env.clone()));
+        Ok(layers)
+    }
+}
+
+/// `{"a": {"b": 1}}` as `a.b = 1`, values spelled as TOML would.
+fn flatten(value: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
+    fn walk(
+        prefix: &str,
+        value: &serde_json::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", value, &mut out);
+    out
+}
+
+/// Hides values that are secrets by name, and passwords inside URLs.
+fn redact(key: &str, value: String) -> String {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    if ["token", "secret", "password"]
+        .iter()
+        .any(|s| name.contains(s))
+    {
+        return "\"<redacted>\"".into();
+    }
+    // scheme://user:password@host → scheme://user:<redacted>@host
+    if let Some((scheme, rest)) = value.split_once("://")
+        && let Some((userinfo, host)) = rest.split_once('@')
+        && let Some((user, _password)) = userinfo.split_once(':')
+    {
+        return format!("{scheme}://{user}:<redacted>@{host}");
+    }
+    value
+}
+
+impl Settings {
+    /// Reads the process's own sources: `APP_ENV`, the given file and the environment.
+    pub fn load(file: Option<PathBuf>) -> Result<Self, ConfigError> {
+        Self::load_from(Sources::of_process(file))
+    }
+
+    pub fn load_from(sources: Sources) -> Result<Self, ConfigError> {
+        let layers = sources.layers()?;
+        let settings: Settings = layers
+            .iter()
+            .fold(Config::builder(), |builder, layer| layer.add_to(builder))
             .build()
             .and_then(Config::try_deserialize)
             .map_err(|e| ConfigError(e.to_string()))?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Every effective key with its value and the layer it came from (the
+    /// last one that sets it), secrets redacted: what `user-manager config`
+    /// prints. Fails as loading would, so it also checks a configuration.
+    pub fn explain(sources: Sources) -> Result<Vec<Explained>, ConfigError> {
+        Self::load_from(sources.clone())?;
+        let layers = sources.layers()?;
+        let flat = |builder: config::ConfigBuilder<config::builder::DefaultState>| {
+            builder
+                .build()
+                .and_then(Config::try_deserialize::<serde_json::Value>)
+                .map(|v| flatten(&v))
+                .map_err(|e| ConfigError(e.to_string()))
+        };
+        let merged = flat(
+            layers
+                .iter()
+                .fold(Config::builder(), |builder, layer| layer.add_to(builder)),
+        )?;
+        let per_layer = layers
+            .iter()
+            .map(|layer| Ok((layer, flat(layer.add_to(Config::builder()))?)))
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(merged
+            .into_iter()
+            .map(|(key, value)| {
+                let source = per_layer
+                    .iter()
+                    .rev()
+                    .find(|(_, keys)| keys.contains_key(&key))
+                    .map_or_else(|| "default".to_owned(), |(layer, _)| layer.label(&key));
+                let value = redact(&key, value);
+                Explained { key, value, source }
+            })
+            .collect())
     }
 
     /// The embedded defaults alone: what tests start from.
@@ -285,6 +432,46 @@ mod tests {
             let err = with_env(&[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(named), "{key}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn explain_names_the_layer_each_value_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[log]\nlevel = \"debug\"\n").unwrap();
+        let explained = Settings::explain(Sources {
+            file: Some(file.clone()),
+            env: Some(
+                [
+                    ("USER_MANAGER__SERVER__LISTEN".into(), "127.0.0.1:9".into()),
+                    (
+                        "USER_MANAGER__DATABASE__URL".into(),
+                        "sqlite://u:hunter2@host/db".into(),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Sources::default()
+        })
+        .unwrap();
+        let find = |key: &str| explained.iter().find(|e| e.key == key).unwrap().clone();
+        assert_eq!(find("server.listen").value, "\"127.0.0.1:9\"");
+        assert_eq!(
+            find("server.listen").source,
+            "env USER_MANAGER__SERVER__LISTEN"
+        );
+        assert_eq!(find("log.level").source, format!("file {}", file.display()));
+        assert_eq!(find("log.format").source, "default");
+        assert_eq!(find("database.max_connections").value, "4");
+        let url = find("database.url").value;
+        assert!(
+            !url.contains("hunter2") && url.contains("<redacted>"),
+            "{url}"
+        );
+        assert_eq!(
+            redact("auth.write_token", "\"abc\"".into()),
+            "\"<redacted>\""
+        );
     }
 
     #[test]

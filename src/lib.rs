@@ -6,12 +6,15 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod deadline;
 pub mod domain;
 pub mod error;
+pub mod health;
 pub mod proto;
 pub mod rpc_trace;
 pub mod seed;
 pub mod server;
 pub mod service;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -2,24 +2,23 @@
 //! service next to health and reflection, and the server run until a
 //! shutdown signal.
 
-use std::{future::Future, net::SocketAddr};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::oneshot};
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::{pb::health_server::HealthServer, server::HealthService};
 
 use crate::{
     config::Settings,
+    deadline::DeadlineLayer,
+    health::Health,
     proto::{self, user_manager_server::UserManagerServer},
     seed,
     service::UserManagerService,
+    shutdown::drain_pair,
     store::{SeedOutcome, SqliteStore, UserStore},
 };
-
-/// The health names that follow the service's readiness: the whole server
-/// ("") and the UserManager service.
-pub const READINESS_SERVICES: [&str; 2] = ["", "UserManager"];
 
 /// Opens the database, brings its schema up to date and imports the seed
 /// once. The seed file is read and checked first, so a bad one fails before
@@ -48,9 +47,9 @@ pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
     store: SqliteStore,
-    health: HealthReporter,
-    health_service:
-        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    settings: Settings,
+    health: Health,
+    health_server: HealthServer<HealthService>,
 }
 
 impl Application {
@@ -62,15 +61,8 @@ impl Application {
             .await
             .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
         let local_addr = listener.local_addr()?;
-        let health = HealthReporter::new();
-        for name in READINESS_SERVICES {
-            health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
-        }
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(health.clone()),
-        );
+        let (health, health_server) = Health::new().await;
+        health.set_database_ok(store.check().await.is_ok()).await;
         tracing::info!(
             listen = %local_addr,
             database = %settings.database.url,
@@ -80,8 +72,9 @@ impl Application {
             listener,
             local_addr,
             store,
+            settings,
             health,
-            health_service,
+            health_server,
         })
     }
 
@@ -94,35 +87,104 @@ impl Application {
         self.run_until(shutdown_signal()).await
     }
 
-    /// Serves until `shutdown` completes, then closes the store.
+    /// Serves until `shutdown` completes, then shuts down in bounded time:
+    /// readiness NOT_SERVING at once, the lame-duck delay, the listener
+    /// closed, in-flight calls drained up to the drain deadline, remaining
+    /// streams cancelled with UNAVAILABLE, the store closed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
-        let service = UserManagerServer::new(UserManagerService::new(self.store.clone()));
-
-        for name in READINESS_SERVICES {
-            self.health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
-        }
+        let server_settings = &self.settings.server;
+        let (drain_trigger, drain) = drain_pair();
+        // v1 for newer grpcurl (it tries v1 first), v1alpha for grpcurl up to
+        // 1.8.7 and evans, which speak only that.
+        let (reflection_v1, reflection_v1alpha) = if self.settings.reflection.enabled {
+            (
+                Some(reflection().build_v1()?),
+                Some(reflection().build_v1alpha()?),
+            )
+        } else {
+            (None, None)
+        };
+        let service = UserManagerServer::new(UserManagerService::new(
+            self.store.clone(),
+            self.health.clone(),
+            drain,
+        ));
+        let (stop_accepting, stopped_accepting) = oneshot::channel::<()>();
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let served = Server::builder()
+        let router = Server::builder()
             .layer(crate::rpc_trace::RpcTraceLayer::new())
-            .add_service(self.health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+            .layer(DeadlineLayer::new(ms(server_settings.request_timeout_ms)))
+            .add_service(self.health_server)
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
+            .add_service(service);
+        let mut serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stopped_accepting.await;
+        }));
+        let checker = self.health.spawn_checker(
+            self.store.clone(),
+            ms(self.settings.health.check_interval_ms),
+        );
+
+        tokio::pin!(shutdown);
+        let ended_early = tokio::select! {
+            result = &mut serving => Some(result),
+            () = &mut shutdown => None,
+        };
+        checker.abort();
+        if let Some(result) = ended_early {
+            self.store.close().await;
+            return result.context("server task")?.context("serving gRPC");
+        }
+
+        self.health.shutting_down().await;
+        let lame_duck = ms(server_settings.lame_duck_ms);
+        if !lame_duck.is_zero() {
+            tracing::info!(
+                ?lame_duck,
+                "NOT_SERVING; still accepting during the lame-duck delay"
+            );
+            tokio::time::sleep(lame_duck).await;
+        }
+        let _ = stop_accepting.send(());
+        let drain_timeout = ms(server_settings.drain_timeout_ms);
+        tracing::info!(?drain_timeout, "listener closed, draining in-flight calls");
+        let served = match tokio::time::timeout(drain_timeout, &mut serving).await {
+            Ok(result) => result.context("server task")?.context("serving gRPC"),
+            Err(_) => {
+                tracing::warn!("drain deadline passed, cancelling the remaining calls");
+                drain_trigger.fire();
+                // Long enough for cancelled streams to send their UNAVAILABLE;
+                // whatever is still open after it (a Watch, a silent
+                // connection) is dropped.
+                if tokio::time::timeout(FINAL_FLUSH, &mut serving)
+                    .await
+                    .is_err()
+                {
+                    serving.abort();
+                }
+                Ok(())
+            }
+        };
         self.store.close().await;
-        served.context("serving gRPC")
+        tracing::info!("shutdown complete");
+        served
     }
+}
+
+/// After the drain deadline, how long cancelled calls get to say so.
+const FINAL_FLUSH: Duration = Duration::from_millis(500);
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+/// Reflection over our service and the health service, so `grpcurl
+/// describe` works for everything `grpcurl list` shows.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// Resolves on SIGTERM (how orchestrators stop us) or SIGINT (Ctrl-C).

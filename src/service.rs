@@ -8,7 +8,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     domain::{TypeFilter, User, UserId, UserType},
+    health::Health,
     proto::{self, UserCntResponse, UserRequest, UserResponse, UserTypeRequest},
+    shutdown::Drain,
     store::{AddOutcome, UserStore},
 };
 
@@ -22,11 +24,29 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<UserResponse, Status>> + 
 
 pub struct UserManagerService<S> {
     store: S,
+    health: Health,
+    drain: Drain,
 }
 
 impl<S: UserStore> UserManagerService<S> {
-    pub fn new(store: S) -> Self {
-        Self { store }
+    pub fn new(store: S, health: Health, drain: Drain) -> Self {
+        Self {
+            store,
+            health,
+            drain,
+        }
+    }
+
+    /// Refuses calls while the readiness check can't read the database:
+    /// connections opened before a file vanished would answer from a ghost.
+    fn available(&self) -> Result<(), Status> {
+        if self.health.database_ok() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "the user database is unavailable, try again later",
+            ))
+        }
     }
 }
 
@@ -36,6 +56,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         &self,
         request: Request<UserRequest>,
     ) -> Result<Response<UserResponse>, Status> {
+        self.available()?;
         // Id 0 can't exist: "not found", as the original service answered.
         let user = match UserId::new(request.into_inner().id) {
             Some(id) => self.store.get(id).await?,
@@ -48,6 +69,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         &self,
         request: Request<proto::User>,
     ) -> Result<Response<UserResponse>, Status> {
+        self.available()?;
         let raw = request.into_inner();
         let user = User::parse(raw.id, raw.nickname, raw.mail_address, raw.user_type)?;
         let response = match self.store.add(user.clone()).await? {
@@ -61,9 +83,19 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         &self,
         request: Request<Streaming<UserRequest>>,
     ) -> Result<Response<UserCntResponse>, Status> {
+        self.available()?;
         let mut batches = request.into_inner().ready_chunks(ID_BATCH);
         let mut count: u64 = 0;
-        while let Some(batch) = batches.next().await {
+        let drained = self.drain.clone().fired();
+        tokio::pin!(drained);
+        loop {
+            let batch = tokio::select! {
+                () = &mut drained => return Err(Drain::status()),
+                batch = batches.next() => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
             let (ids, failed) = split_batch(batch);
             if !ids.is_empty() {
                 count += self.store.count_existing(&ids).await?;
@@ -86,6 +118,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         &self,
         request: Request<UserTypeRequest>,
     ) -> Result<Response<Self::GetUsersByTypeStream>, Status> {
+        self.available()?;
         let stream: ResponseStream = match TypeFilter::from_number(request.into_inner().user_type)?
         {
             TypeFilter::Nobody => Box::pin(stream::empty()),
@@ -102,6 +135,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         &self,
         request: Request<Streaming<UserRequest>>,
     ) -> Result<Response<Self::GetUsersByIdsStream>, Status> {
+        self.available()?;
         let store = self.store.clone();
         // A batch is whatever has arrived: a ping-pong client's batch is its one
         // id, answered before it sends the next.
@@ -122,7 +156,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
                 }
             })
             .try_flatten();
-        Ok(Response::new(Box::pin(answers)))
+        Ok(Response::new(Box::pin(self.drain.guard(answers))))
     }
 }
 

@@ -99,14 +99,62 @@ async fn add_user_rejects_invalid_fields_by_name_and_stores_nothing() {
     let mut client = app.client().await;
     let good = user(200, "Valid", NORMAL);
     let cases = [
-        (user_manager::proto::User { id: 0, ..good.clone() }, "id"),
-        (user_manager::proto::User { nickname: String::new(), ..good.clone() }, "nickname"),
-        (user_manager::proto::User { nickname: "x".repeat(65), ..good.clone() }, "nickname"),
-        (user_manager::proto::User { nickname: "bell\u{7}".into(), ..good.clone() }, "nickname"),
-        (user_manager::proto::User { mail_address: "nope".into(), ..good.clone() }, "mail_address"),
-        (user_manager::proto::User { mail_address: format!("a@{}.com", "b".repeat(300)), ..good.clone() }, "mail_address"),
-        (user_manager::proto::User { user_type: 0, ..good.clone() }, "user_type"),
-        (user_manager::proto::User { user_type: 99, ..good.clone() }, "user_type"),
+        (
+            user_manager::proto::User {
+                id: 0,
+                ..good.clone()
+            },
+            "id",
+        ),
+        (
+            user_manager::proto::User {
+                nickname: String::new(),
+                ..good.clone()
+            },
+            "nickname",
+        ),
+        (
+            user_manager::proto::User {
+                nickname: "x".repeat(65),
+                ..good.clone()
+            },
+            "nickname",
+        ),
+        (
+            user_manager::proto::User {
+                nickname: "bell\u{7}".into(),
+                ..good.clone()
+            },
+            "nickname",
+        ),
+        (
+            user_manager::proto::User {
+                mail_address: "nope".into(),
+                ..good.clone()
+            },
+            "mail_address",
+        ),
+        (
+            user_manager::proto::User {
+                mail_address: format!("a@{}.com", "b".repeat(300)),
+                ..good.clone()
+            },
+            "mail_address",
+        ),
+        (
+            user_manager::proto::User {
+                user_type: 0,
+                ..good.clone()
+            },
+            "user_type",
+        ),
+        (
+            user_manager::proto::User {
+                user_type: 99,
+                ..good.clone()
+            },
+            "user_type",
+        ),
     ];
     for (bad, field) in cases {
         let status = client.add_user(bad.clone()).await.unwrap_err();
@@ -132,7 +180,11 @@ async fn concurrent_adds_of_one_id_have_exactly_one_winner() {
             user_manager::proto::user_manager_client::UserManagerClient::new(channel.clone());
         async move {
             let candidate = user(500, &format!("racer{i}"), NORMAL);
-            let r = client.add_user(candidate.clone()).await.unwrap().into_inner();
+            let r = client
+                .add_user(candidate.clone())
+                .await
+                .unwrap()
+                .into_inner();
             (!r.error).then_some(candidate)
         }
     });
@@ -193,7 +245,10 @@ async fn get_users_by_type_streams_every_match_in_id_order() {
 
     // Several pages, added out of order.
     for id in (1000..3100).rev() {
-        client.add_user(user(id, &format!("g{id}"), GUEST)).await.unwrap();
+        client
+            .add_user(user(id, &format!("g{id}"), GUEST))
+            .await
+            .unwrap();
     }
     let guests: Vec<u32> = users_of_type(&mut client, GUEST)
         .await
@@ -288,7 +343,10 @@ async fn acknowledged_adds_survive_kill_9() {
     let server = ServerProcess::start(dir.path(), &[]).await;
     let mut client = server.client().await;
     for id in 300..340 {
-        let r = client.add_user(user(id, &format!("k{id}"), GUEST)).await.unwrap();
+        let r = client
+            .add_user(user(id, &format!("k{id}"), GUEST))
+            .await
+            .unwrap();
         assert!(!r.into_inner().error);
     }
     // Killed right after the last acknowledgement: no shutdown code runs.
@@ -325,7 +383,10 @@ async fn a_malformed_seed_fails_startup_and_leaves_no_database() {
         .expect("startup fails")
         .to_string();
     assert!(err.contains(&seed.display().to_string()), "{err}");
-    assert!(err.contains("\"2\"") && err.contains("mail_address"), "{err}");
+    assert!(
+        err.contains("\"2\"") && err.contains("mail_address"),
+        "{err}"
+    );
     assert!(!common::db_path(dir.path()).exists());
 }
 

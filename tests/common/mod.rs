@@ -206,3 +206,71 @@ pub async fn health_status(url: &str, service: &str) -> Option<ServingStatus> {
 pub fn db_path(dir: &Path) -> PathBuf {
     dir.join("users.db")
 }
+
+/// A gRPC call over a raw HTTP/2 stream: no client library in between that
+/// could enforce deadlines or fix up frames. `body` is sent as is (already
+/// framed, or deliberately malformed); with `keep_open` the request stream is
+/// left open after it. Returns the response's grpc-status and grpc-message
+/// (from headers or trailers) and the raw response body.
+pub struct RawReply {
+    pub http_status: u16,
+    pub grpc_status: Option<i32>,
+    pub grpc_message: Option<String>,
+    pub body: Vec<u8>,
+}
+
+pub async fn raw_grpc_call(
+    addr: SocketAddr,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+    body: bytes::Bytes,
+    keep_open: bool,
+) -> RawReply {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in extra_headers {
+        request = request.header(*k, *v);
+    }
+    let (response, mut send) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+    send.send_data(body, !keep_open).unwrap();
+    let response = response.await.unwrap();
+    let http_status = response.status().as_u16();
+    let header = |map: &http::HeaderMap, name: &str| {
+        map.get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let mut grpc_status = header(response.headers(), "grpc-status");
+    let mut grpc_message = header(response.headers(), "grpc-message");
+    let mut recv = response.into_body();
+    let mut body = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.unwrap();
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        body.extend_from_slice(&chunk);
+    }
+    if let Some(trailers) = recv.trailers().await.unwrap() {
+        grpc_status = grpc_status.or_else(|| header(&trailers, "grpc-status"));
+        grpc_message = grpc_message.or_else(|| header(&trailers, "grpc-message"));
+    }
+    drop(send);
+    RawReply {
+        http_status,
+        grpc_status: grpc_status.and_then(|s| s.parse().ok()),
+        grpc_message,
+        body,
+    }
+}
+
+/// One length-prefixed gRPC message frame, uncompressed.
+pub fn grpc_frame(message: &impl prost::Message) -> bytes::Bytes {
+    let payload = message.encode_to_vec();
+    let mut frame = Vec::with_capacity(payload.len() + 5);
+    frame.push(0);
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame.into()
+}

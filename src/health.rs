@@ -1,0 +1,122 @@
+//! Health that tells the truth. Readiness ("", "UserManager", "readiness")
+//! follows a periodic database check and goes NOT_SERVING for good at
+//! shutdown; liveness ("liveness") stays SERVING while the process can answer,
+//! so a database outage takes the pod out of rotation without a restart loop.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::task::JoinHandle;
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
+
+use crate::store::UserStore;
+
+/// Health names that follow the database and shutdown.
+pub const READINESS: [&str; 3] = ["", "UserManager", "readiness"];
+/// Health name for liveness probes.
+pub const LIVENESS: &str = "liveness";
+
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    database_ok: AtomicBool,
+    shutting_down: AtomicBool,
+    /// Serialises status changes so a late check can't undo a shutdown.
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl Health {
+    /// Readiness starts NOT_SERVING: nothing is ready until the store is.
+    pub async fn new() -> (Self, HealthServer<HealthService>) {
+        let reporter = HealthReporter::new();
+        for name in READINESS {
+            reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+        let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+        let health = Self {
+            reporter,
+            state: Arc::default(),
+        };
+        (health, server)
+    }
+
+    /// Whether the last check could read the database; calls are refused
+    /// with UNAVAILABLE while it can't (open connections may still read a
+    /// file that was deleted, so their answers would be stale).
+    pub fn database_ok(&self) -> bool {
+        self.state.database_ok.load(Ordering::Acquire)
+    }
+
+    /// Records a check's result; readiness follows unless shutting down.
+    pub async fn set_database_ok(&self, ok: bool) {
+        let _changing = self.state.changes.lock().await;
+        let was = self.state.database_ok.swap(ok, Ordering::AcqRel);
+        if was != ok && !self.state.shutting_down.load(Ordering::Acquire) {
+            self.set_readiness(ok).await;
+            if ok {
+                tracing::info!("database readable again: SERVING");
+            } else {
+                tracing::warn!("database unreadable: NOT_SERVING");
+            }
+        }
+    }
+
+    /// Readiness goes NOT_SERVING, for good: open Watch streams see it at once.
+    pub async fn shutting_down(&self) {
+        let _changing = self.state.changes.lock().await;
+        self.state.shutting_down.store(true, Ordering::Release);
+        self.set_readiness(false).await;
+    }
+
+    async fn set_readiness(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in READINESS {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+
+    /// Checks the database every `interval` (a check that takes longer than
+    /// that counts as failed) until the task is aborted.
+    pub fn spawn_checker<S: UserStore>(&self, store: S, interval: Duration) -> JoinHandle<()> {
+        let health = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let ok = match tokio::time::timeout(interval, store.check()).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "readiness check failed");
+                        false
+                    }
+                    Err(_) => false,
+                };
+                health.set_database_ok(ok).await;
+            }
+        })
+    }
+}
