@@ -7,7 +7,7 @@
 mod common;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
@@ -250,7 +250,10 @@ async fn grpcurl_add_user_adds_refuses_duplicates_and_names_invalid_fields() {
     let ann =
         r#"{"id": 10, "nickname": "Ann", "mail_address": "ann@example.com", "user_type": "GUEST"}"#;
     let ann_found = found(10, "Ann", "ann@example.com", "GUEST");
-    assert_eq!(grpcurl.call(add, ann).await, [ann_found.clone()]);
+    assert_eq!(
+        grpcurl.call(add, ann).await,
+        std::slice::from_ref(&ann_found)
+    );
 
     let other = r#"{"id": 10, "nickname": "Bob", "mail_address": "bob@example.com", "user_type": "NORMAL"}"#;
     assert_eq!(
@@ -378,7 +381,7 @@ async fn grpcurl_health_check_reports_serving() {
     let grpcurl = Grpcurl::new(app.addr);
     let check = "grpc.health.v1.Health/Check";
 
-    for service in ["", "UserManager"] {
+    for service in ["", "UserManager", "readiness", "liveness"] {
         let data = format!(r#"{{"service": "{service}"}}"#);
         assert_eq!(
             grpcurl.call(check, &data).await,
@@ -448,8 +451,7 @@ fn readme_examples(markdown: &str) -> Vec<Example> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_grpcurl_examples() {
-    let readme_path = Path::new(MANIFEST_DIR).join("README.md");
-    let readme = std::fs::read_to_string(&readme_path).expect("README.md is readable");
+    let readme = read_readme();
     let examples = readme_examples(&readme);
 
     // The README shows every RPC and health; dropping one must not go unnoticed.
@@ -551,6 +553,114 @@ UserManager
 #[should_panic(expected = "is not followed by a json or text output block")]
 fn a_readme_example_without_its_output_is_an_error() {
     readme_examples("```sh\ngrpcurl -plaintext localhost:1234 list\n```\n");
+}
+
+/// The body of the README section under `heading` (up to the next `## `).
+fn readme_section<'a>(markdown: &'a str, heading: &str) -> &'a str {
+    let start = markdown
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("README.md has no {heading:?} section"))
+        + heading.len()
+        + 2;
+    let rest = &markdown[start..];
+    &rest[..rest.find("\n## ").unwrap_or(rest.len())]
+}
+
+/// The first two cells of each body row of the section's tables, backticks
+/// removed from the first.
+fn table_rows(section: &str) -> Vec<(String, String)> {
+    section
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix('|'))
+        .map(|row| row.split(" | ").map(str::trim).collect::<Vec<_>>())
+        .filter(|cells| cells.len() >= 2 && !cells[0].starts_with("---"))
+        .map(|cells| (cells[0].replace('`', ""), cells[1].to_owned()))
+        .collect()
+}
+
+fn read_readme() -> String {
+    std::fs::read_to_string(Path::new(MANIFEST_DIR).join("README.md"))
+        .expect("README.md is readable")
+}
+
+/// The binary with nothing but its embedded defaults: no environment, and a
+/// working directory without config/.
+fn bare_binary(args: &[&str]) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::BINARY)
+        .args(args)
+        .env_clear()
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs user-manager");
+    assert!(
+        out.status.success(),
+        "user-manager {args:?} failed ({}): {}",
+        out.status,
+        text(&out.stderr)
+    );
+    (out, dir)
+}
+
+#[test]
+fn readme_lists_every_configuration_key_with_its_default() {
+    // `user-manager config` prints `key = value  # source` for every key.
+    let (out, _dir) = bare_binary(&["config"]);
+    let effective: BTreeMap<String, String> = text(&out.stdout)
+        .lines()
+        .map(|line| {
+            let (setting, _source) = line.rsplit_once("  # ").unwrap_or((line, ""));
+            let (key, value) = setting
+                .split_once(" = ")
+                .unwrap_or_else(|| panic!("not `key = value`: {line}"));
+            (key.to_owned(), format!("`{value}`"))
+        })
+        .collect();
+    assert!(effective.contains_key("server.listen"), "{effective:?}");
+
+    let readme = read_readme();
+    let documented: BTreeMap<String, String> =
+        table_rows(readme_section(&readme, "## Configuration"))
+            .into_iter()
+            .filter(|(key, _)| key != "Key")
+            .collect();
+    assert_eq!(
+        documented.keys().collect::<Vec<_>>(),
+        effective.keys().collect::<Vec<_>>(),
+        "README.md's configuration table lists other keys than `user-manager config`"
+    );
+    // Secrets are printed redacted, so only their presence can be checked.
+    for (key, value) in effective.iter().filter(|(_, v)| *v != "`\"<redacted>\"`") {
+        assert_eq!(&documented[key], value, "README.md's default of {key}");
+    }
+}
+
+#[test]
+fn readme_lists_every_subcommand() {
+    let (out, _dir) = bare_binary(&["--help"]);
+    let help = text(&out.stdout);
+    let commands: BTreeSet<String> = help
+        .split_once("Commands:\n")
+        .unwrap_or_else(|| panic!("no Commands: in --help:\n{help}"))
+        .1
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect();
+
+    let readme = read_readme();
+    let documented: BTreeSet<String> = table_rows(readme_section(&readme, "## Command line"))
+        .into_iter()
+        .filter_map(|(name, _)| name.split_whitespace().next().map(str::to_owned))
+        .filter(|name| name != "Command")
+        .collect();
+    assert_eq!(
+        documented, commands,
+        "README.md's command table differs from --help"
+    );
 }
 
 /// The venv's Python (where scripts/test installs grpcio), else python3.

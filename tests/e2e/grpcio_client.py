@@ -144,7 +144,7 @@ def run(target, pb, pb_grpc):
 
     # Health, through grpcio-health-checking's stubs.
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "UserManager"):
+    for service in ("", "UserManager", "readiness", "liveness"):
         r = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
         assert r.status == health_pb2.HealthCheckResponse.SERVING, f"health {service!r}: {r}"
     try:
@@ -153,7 +153,12 @@ def run(target, pb, pb_grpc):
         assert e.code() == grpc.StatusCode.NOT_FOUND, f"unknown health name: {e.code()}"
     else:
         raise AssertionError("health of an unknown service name did not fail")
-    check("Health/Check is SERVING for '' and 'UserManager', NOT_FOUND for unknown names")
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=TIMEOUT)
+    first = next(watch)
+    watch.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING, f"Watch(readiness): {first}"
+    check("Health is SERVING for '', UserManager, readiness and liveness (Check and Watch), "
+          "NOT_FOUND for unknown names")
 
     # Reflection, through grpcio-reflection's client: the server describes the
     # same service as the proto the stubs came from.
