@@ -97,9 +97,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let method = match request.uri().path().strip_prefix(PATH_PREFIX) {
-            Some(method) if self.enabled => method,
-            _ => return Either::Left(self.inner.call(request)),
+        if !self.enabled {
+            return Either::Left(self.inner.call(request));
+        }
+        let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
+            return Either::Left(self.inner.call(request));
         };
         let (method, name) = METHODS
             .into_iter()
@@ -136,16 +138,17 @@ where
         });
         let response = self.inner.call(request).instrument(span.clone());
         Either::Right(Box::pin(async move {
-            let call = Call {
+            // Finishes the call as cancelled if this future is dropped first.
+            let mut watcher = ResponseWatcher(Some(Call {
                 span,
                 requests,
                 responses: MessageCounter::default(),
-            };
+            }));
             match response.await {
-                Ok(response) => Ok(call.follow(response)),
+                Ok(response) => Ok(watcher.follow(response)),
                 Err(e) => {
                     // Tonic answers a failed service with UNKNOWN.
-                    call.finish(Code::Unknown);
+                    watcher.finish(Code::Unknown);
                     Err(e)
                 }
             }
@@ -161,25 +164,6 @@ struct Call {
 }
 
 impl Call {
-    /// Finishes now if the response is trailers-only, else when its body ends.
-    fn follow(self, response: http::Response<Body>) -> http::Response<Body> {
-        if let Some(code) = grpc_status(response.headers()) {
-            self.finish(code);
-            return response;
-        }
-        if response.body().is_end_stream() {
-            // A gRPC response without grpc-status anywhere: clients read UNKNOWN.
-            self.finish(Code::Unknown);
-            return response;
-        }
-        response.map(|inner| {
-            Body::new(Watched {
-                inner,
-                watcher: ResponseWatcher(Some(self)),
-            })
-        })
-    }
-
     fn finish(self, code: Code) {
         let span = &self.span;
         span.record("rpc.grpc.status_code", code as i64);
@@ -324,8 +308,36 @@ impl Watcher for RequestWatcher {
 }
 
 /// Runs the response stream inside the span, counts its messages and
-/// finishes the call at the trailers. `None` once finished.
+/// finishes the call at the trailers, or as cancelled when dropped before.
+/// `None` once finished.
 struct ResponseWatcher(Option<Call>);
+
+impl ResponseWatcher {
+    /// Finishes now if the response is trailers-only, else when its body ends.
+    fn follow(mut self, response: http::Response<Body>) -> http::Response<Body> {
+        if let Some(code) = grpc_status(response.headers()) {
+            self.finish(code);
+            return response;
+        }
+        if response.body().is_end_stream() {
+            // A gRPC response without grpc-status anywhere: clients read UNKNOWN.
+            self.finish(Code::Unknown);
+            return response;
+        }
+        response.map(|inner| {
+            Body::new(Watched {
+                inner,
+                watcher: self,
+            })
+        })
+    }
+
+    fn finish(&mut self, code: Code) {
+        if let Some(call) = self.0.take() {
+            call.finish(code);
+        }
+    }
+}
 
 impl Watcher for ResponseWatcher {
     fn around(&self, poll: impl FnOnce() -> Polled) -> Polled {
@@ -352,21 +364,17 @@ impl Watcher for ResponseWatcher {
             Poll::Ready(Some(Err(status))) => Some(Some(status.code())),
             Poll::Ready(None) => Some(None),
         };
-        if let Some(code) = finished
-            && let Some(call) = self.0.take()
-        {
-            call.finish(code.unwrap_or(Code::Unknown));
+        if let Some(code) = finished {
+            self.finish(code.unwrap_or(Code::Unknown));
         }
     }
 }
 
 impl Drop for ResponseWatcher {
     fn drop(&mut self) {
-        // The response went away before its trailers: the client cancelled or
-        // the connection was closed under it.
-        if let Some(call) = self.0.take() {
-            call.finish(Code::Cancelled);
-        }
+        // The call went away before its status: the client cancelled or the
+        // connection was closed under it.
+        self.finish(Code::Cancelled);
     }
 }
 

@@ -44,8 +44,10 @@ use crate::config::{LogFormat, LogSettings, Settings};
 
 /// `service.name` unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one.
 pub const DEFAULT_SERVICE_NAME: &str = "user-manager";
-/// How long [`TelemetryGuard::shutdown`] waits for the last spans to be exported.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`TelemetryGuard::shutdown`] waits for the last spans to be
+/// exported: plenty for a collector that answers, and short enough that a
+/// hung one keeps the exit within the drain deadline + 2 s.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Whether spans are exported; read by [`crate::rpc_trace`] so that without
 /// an exporter no per-request span is even created.
@@ -74,11 +76,11 @@ impl TelemetryGuard {
         // workers free to drive the export itself.
         let flushed =
             tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT))
-                .await;
-        match flushed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "flushing spans on shutdown"),
-            Err(e) => tracing::warn!(error = %e, "flushing spans on shutdown"),
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|result| result.map_err(anyhow::Error::from));
+        if let Err(e) = flushed {
+            tracing::warn!(error = %e, "flushing spans on shutdown");
         }
     }
 }

@@ -23,6 +23,8 @@ use opentelemetry_proto::tonic::{
     trace::v1::{Span, span::SpanKind, status::StatusCode},
 };
 use sqlx::{Connection, SqliteConnection};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Code, Request,
     codegen::http::uri::PathAndQuery,
@@ -308,21 +310,18 @@ async fn reflection_lists_services(url: &str) {
     assert!(matches!(&answers[..], [Ok(_)]), "{answers:?}");
 }
 
-/// Stores users the service can't read back (an empty nickname): id 5000,
-/// and, for a stream that fails after its first page, 601 readable
-/// DISABLED users before it.
-async fn corrupt_database(dir: &std::path::Path) {
+/// Writes users with ids `first..=last` of `user_type` into the server's
+/// database behind its back, plus `extra` (SQL) if any.
+async fn insert_users(dir: &std::path::Path, first: u32, last: u32, user_type: i32, extra: &str) {
     let url = format!("sqlite://{}", common::db_path(dir).display());
     let mut db = SqliteConnection::connect(&url).await.unwrap();
-    sqlx::query(
-        "WITH RECURSIVE n(i) AS (SELECT 1000 UNION ALL SELECT i + 1 FROM n WHERE i < 1600) \
+    let bulk = format!(
+        "WITH RECURSIVE n(i) AS (SELECT {first} UNION ALL SELECT i + 1 FROM n WHERE i < {last}) \
          INSERT INTO users (id, nickname, mail_address, user_type) \
-         SELECT i, 'u' || i, 'u' || i || '@example.com', 4 FROM n",
-    )
-    .execute(&mut db)
-    .await
-    .unwrap();
-    sqlx::query("INSERT INTO users VALUES (5000, '', 'broken@example.com', 4)")
+         SELECT i, 'u' || i, 'u' || i || '@example.com', {user_type} FROM n; {extra}"
+    );
+    // Test-made SQL from numbers and a constant.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(bulk))
         .execute(&mut db)
         .await
         .unwrap();
@@ -334,7 +333,10 @@ async fn server_faults_are_errors_and_client_faults_are_not() {
     let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = start_exporting(dir.path(), &collector, &[]).await;
-    corrupt_database(dir.path()).await;
+    // A user the service can't read back (an empty nickname), id 5000, after
+    // 601 readable DISABLED ones: the stream of those fails after a page.
+    let unreadable = "INSERT INTO users VALUES (5000, '', 'broken@example.com', 4)";
+    insert_users(dir.path(), 1000, 1600, DISABLED, unreadable).await;
     let mut client = server.client().await;
 
     let internal = client.get_user(UserRequest { id: 5000 }).await.unwrap_err();
@@ -508,4 +510,52 @@ async fn a_collector_that_is_down_costs_clients_nothing() {
     }
     // The flush fails too, within its bound, and the exit stays clean.
     assert!(terminate(server).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_and_timed_out_streams_end_their_spans_with_that_status() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_exporting(dir.path(), &collector, &[]).await;
+    let mut client = server.client().await;
+
+    // A bidirectional call whose client stops answering: its deadline ends it.
+    let (ids_sender, ids) = mpsc::channel(1);
+    let mut request = Request::new(ReceiverStream::new(ids));
+    request.set_timeout(Duration::from_millis(300));
+    ids_sender.send(UserRequest { id: 1 }).await.unwrap();
+    let mut answers = client.get_users_by_ids(request).await.unwrap().into_inner();
+    assert_eq!(answers.next().await.unwrap().unwrap().user.unwrap().id, 1);
+    let expired = answers.next().await.unwrap().unwrap_err();
+    assert_eq!(expired.code(), Code::DeadlineExceeded);
+    drop(ids_sender);
+
+    // A stream the client walks away from after the first answer, too long
+    // for flow control to let the server finish it first.
+    insert_users(dir.path(), 1000, 30999, NORMAL, "").await;
+    let mut answers = client
+        .get_users_by_type(UserTypeRequest { user_type: NORMAL })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answers.next().await.unwrap().unwrap().user.unwrap().id, 3);
+    drop(answers);
+    assert!(terminate(server).await.success());
+
+    let spans = collector.server_spans();
+    let expired = &spans["UserManager/GetUsersByIds"];
+    let a = &expired.attributes;
+    assert_eq!(
+        int_attr(a, "rpc.grpc.status_code"),
+        Code::DeadlineExceeded as i64
+    );
+    assert!(is_error(expired));
+    assert_eq!(int_attr(a, "rpc.request.message_count"), 1);
+    assert_eq!(int_attr(a, "rpc.response.message_count"), 1);
+    let cancelled = &spans["UserManager/GetUsersByType"];
+    let a = &cancelled.attributes;
+    assert_eq!(int_attr(a, "rpc.grpc.status_code"), Code::Cancelled as i64);
+    assert!(!is_error(cancelled), "the client's doing");
+    let sent = int_attr(a, "rpc.response.message_count");
+    assert!((1..30_000).contains(&sent), "{sent} of 30003 sent");
 }
