@@ -559,3 +559,53 @@ async fn cancelled_and_timed_out_streams_end_their_spans_with_that_status() {
     let sent = int_attr(a, "rpc.response.message_count");
     assert!((1..30_000).contains(&sent), "{sent} of 30003 sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_the_trace_and_span_ids() {
+    let collector = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stdout.jsonl");
+    let redirect = format!("exec \"$0\" \"$@\" > '{}'", log.display());
+    let endpoint = collector.endpoint();
+    let server = ServerProcess::start_via(
+        &["sh", "-c", &redirect],
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("USER_MANAGER__LOG__FORMAT", "json"),
+            ("USER_MANAGER__LOG__LEVEL", "info"),
+        ],
+    )
+    .await;
+    let unreadable = "INSERT INTO users VALUES (5000, '', 'broken@example.com', 4)";
+    insert_users(dir.path(), 1000, 1000, DISABLED, unreadable).await;
+    let mut client = server.client().await;
+    let failed = client.get_user(UserRequest { id: 5000 }).await.unwrap_err();
+    assert_eq!(failed.code(), Code::Internal);
+    assert!(terminate(server).await.success());
+
+    let span = &collector.server_spans()["UserManager/GetUser"];
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect(line))
+        .collect();
+    // The handler logs the storage error inside the call's span.
+    let inside: Vec<_> = lines
+        .iter()
+        .filter(|l| l.get("trace_id").is_some())
+        .collect();
+    let [error] = &inside[..] else {
+        panic!("one line inside a span expected: {lines:#?}");
+    };
+    assert_eq!(error["level"], "ERROR");
+    assert_eq!(error["trace_id"], hex(&span.trace_id));
+    assert_eq!(error["span_id"], hex(&span.span_id));
+    // Lines outside any span (startup, shutdown) have none.
+    assert!(lines.len() > 1, "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.get("span_id").is_some() == l.get("trace_id").is_some())
+    );
+}
