@@ -152,13 +152,20 @@ where
 /// environment names one (the exporter reads `OTEL_EXPORTER_OTLP_*ENDPOINT`
 /// itself); or `None`: export is off.
 fn otlp_endpoint(configured: &str) -> Option<&str> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    // The standard off switches win over any endpoint.
+    let sdk_disabled =
+        env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let no_exporter = env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim() == "none");
+    if sdk_disabled || no_exporter {
+        return None;
+    }
     if !configured.is_empty() {
         return Some(configured);
     }
-    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
-    let from_env = set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
-    let disabled = std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none");
-    (from_env && !disabled).then_some("")
+    let from_env = env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
+    from_env.then_some("")
 }
 
 fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {

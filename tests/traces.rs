@@ -476,10 +476,14 @@ async fn without_an_endpoint_nothing_is_exported_and_the_server_works() {
     let endpoint = collector.endpoint();
     for env in [
         &[][..],
-        // An endpoint with the exporter turned off the standard way.
+        // Endpoints, with export turned off either standard way.
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_TRACES_EXPORTER", "none"),
+        ][..],
+        &[
+            ("USER_MANAGER__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SDK_DISABLED", "true"),
         ][..],
     ] {
         let dir = tempfile::tempdir().unwrap();
