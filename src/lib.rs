@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod config;
 pub mod deadline;
 pub mod domain;
