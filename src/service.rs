@@ -5,13 +5,14 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::{
     domain::{TypeFilter, User, UserId, UserType},
     health::Health,
     proto::{self, UserCntResponse, UserRequest, UserResponse, UserTypeRequest},
     shutdown::Drain,
-    store::{AddOutcome, UserStore},
+    store::{AddOutcome, StoreError, UserStore},
 };
 
 /// Ids looked up in one query at most, from what a client stream has already
@@ -149,7 +150,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
                     let users = if ids.is_empty() {
                         Vec::new()
                     } else {
-                        store.get_many(&ids).await?
+                        run_detached(async move { store.get_many(&ids).await }).await?
                     };
                     let answers = users.into_iter().map(|u| Ok(found(u)));
                     Ok::<_, Status>(stream::iter(answers.chain(failed.map(Err))))
@@ -174,7 +175,9 @@ fn users_of_type<S: UserStore>(
             let Some(after) = cursor else {
                 return Ok(None);
             };
-            let page = store.page_by_type(user_type, after, TYPE_PAGE).await?;
+            let page =
+                run_detached(async move { store.page_by_type(user_type, after, TYPE_PAGE).await })
+                    .await?;
             let next = match page.last() {
                 Some(last) if page.len() == TYPE_PAGE as usize => Some(Some(last.id)),
                 _ => None,
@@ -183,6 +186,20 @@ fn users_of_type<S: UserStore>(
         }
     })
     .try_flatten()
+}
+
+/// Runs a query of a response stream on its own task. The stream is polled
+/// only while its client reads (HTTP/2 flow control); a query parked
+/// mid-flight with it would keep its pooled connection, and four clients that
+/// stop reading would block every read. Detached, it finishes, returns the
+/// connection, and its one result waits for the stream.
+async fn run_detached<T: Send + 'static>(
+    query: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(query.in_current_span()).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Status::internal("a database query's task failed")),
+    }
 }
 
 /// The valid ids of a batch of stream messages, up to the first stream error.
