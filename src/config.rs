@@ -28,6 +28,7 @@ pub struct Settings {
     pub reflection: ReflectionSettings,
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
+    pub limits: LimitsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +38,24 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     pub lame_duck_ms: u64,
     pub drain_timeout_ms: u64,
+}
+
+/// Resource limits; documented in `config/default.toml`, applied by `crate::limits`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub max_calls_per_connection: usize,
+    pub max_open_streams: usize,
+    pub stream_stall_timeout_ms: u64,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
+    pub max_header_list_bytes: u32,
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    pub max_connection_age_ms: u64,
+    pub max_connection_age_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -327,6 +346,7 @@ impl Settings {
         if self.database.max_connections == 0 {
             return bad("database.max_connections", "must be at least 1".into());
         }
+        self.limits.check().map_err(ConfigError)?;
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return bad(
                 "log.level",

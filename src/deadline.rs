@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 
 /// Unary methods: the server default applies to these only, as streams are
 /// bounded by their own limits.
-const UNARY: [&str; 3] = [
+pub(crate) const UNARY: [&str; 3] = [
     "/UserManager/GetUser",
     "/UserManager/AddUser",
     "/grpc.health.v1.Health/Check",

@@ -11,6 +11,7 @@ pub mod deadline;
 pub mod domain;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod proto;
 pub mod rpc_trace;
 pub mod seed;
