@@ -1,17 +1,21 @@
-//! SQLite through sqlx. Reads use a small pool; all writes go through one
-//! dedicated connection (SQLite has a single writer), and concurrent AddUser
-//! calls are committed together: one transaction and one WAL sync for all
-//! inserts that arrived while the previous commit ran (group commit).
+//! SQLite through sqlx. Reads use a few connections (see `readers`); all
+//! writes go through one dedicated connection (SQLite has a single writer),
+//! and concurrent AddUser calls are committed together: one transaction and
+//! one WAL sync for all inserts that arrived while the previous commit ran
+//! (group commit).
+
+mod readers;
 
 use std::{path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
-    Connection, SqliteConnection, SqlitePool,
+    Connection, SqliteConnection,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::field::Empty;
 
+use self::readers::Readers;
 use super::{AddOutcome, SeedOutcome, StoreError, UserStore};
 use crate::{
     config::{DatabaseSettings, Synchronous},
@@ -45,7 +49,7 @@ type Writer = Arc<Mutex<Option<SqliteConnection>>>;
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    reads: SqlitePool,
+    reads: Arc<Readers>,
     writer: Writer,
     inserts: mpsc::Sender<InsertRequest>,
     /// The database file, for readiness checks; `None` for in-memory databases.
@@ -81,38 +85,46 @@ impl SqliteStore {
         let writer = SqliteConnection::connect_with(&options)
             .await
             .map_err(|e| classify(e, "opening the database"))?;
-        let reads = SqlitePoolOptions::new()
-            .max_connections(settings.max_connections)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_millis(settings.busy_timeout_ms))
-            .connect_with(options.clone())
-            .await
-            .map_err(|e| classify(e, "opening the read pool"))?;
+        let reads = Readers::open(
+            options.clone(),
+            settings.max_connections,
+            Duration::from_millis(settings.busy_timeout_ms),
+        )
+        .await
+        .map_err(|e| classify(e, "opening the read connections"))?;
 
         let writer: Writer = Arc::new(Mutex::new(Some(writer)));
         let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
         tokio::spawn(run_writer(writer.clone(), queue));
         Ok(Self {
-            reads,
+            reads: Arc::new(reads),
             writer,
             inserts,
             file,
             options,
         })
     }
+
+    async fn reader(&self, context: &str) -> Result<readers::Reader<'_>, StoreError> {
+        self.reads.acquire().await.map_err(|e| classify(e, context))
+    }
 }
 
 impl UserStore for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        // Through the pool: sqlx's `Acquire` for `&mut SqliteConnection` is not
-        // general enough for a `Send` future. The writer is idle at this point.
-        sqlx::migrate!("./migrations")
-            .run(&self.reads)
+        // Through a pool of its own: sqlx's `Acquire` for `&mut SqliteConnection`
+        // is not general enough for a `Send` future. The writer is idle meanwhile.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.options.clone())
             .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(e) => classify(e, "migrating"),
-                other => StoreError::Internal(format!("migrating: {other}")),
-            })
+            .map_err(|e| classify(e, "migrating"))?;
+        let migrated = sqlx::migrate!("./migrations").run(&pool).await;
+        pool.close().await;
+        migrated.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => classify(e, "migrating"),
+            other => StoreError::Internal(format!("migrating: {other}")),
+        })
     }
 
     async fn seed(&self, users: &[User]) -> Result<SeedOutcome, StoreError> {
@@ -146,9 +158,10 @@ impl UserStore for SqliteStore {
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        let mut conn = self.reader("reading a user").await?;
         sqlx::query_as::<_, Row>(SELECT_BY_ID)
             .bind(i64::from(id.get()))
-            .fetch_optional(&self.reads)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(|e| classify(e, "reading a user"))?
             .map(to_user)
@@ -158,9 +171,10 @@ impl UserStore for SqliteStore {
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
+        let mut conn = self.reader("reading users by id").await?;
         sqlx::query_as::<_, Row>(SELECT_MANY)
             .bind(json_array(ids))
-            .fetch_all(&self.reads)
+            .fetch_all(&mut *conn)
             .await
             .map_err(|e| classify(e, "reading users by id"))?
             .into_iter()
@@ -171,9 +185,10 @@ impl UserStore for SqliteStore {
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn count_existing(&self, ids: &[UserId]) -> Result<u64, StoreError> {
+        let mut conn = self.reader("counting users").await?;
         let n: i64 = sqlx::query_scalar(COUNT_MANY)
             .bind(json_array(ids))
-            .fetch_one(&self.reads)
+            .fetch_one(&mut *conn)
             .await
             .map_err(|e| classify(e, "counting users"))?;
         Ok(n.try_into().unwrap_or(0))
@@ -198,11 +213,12 @@ impl UserStore for SqliteStore {
         after: Option<UserId>,
         limit: u32,
     ) -> Result<Vec<User>, StoreError> {
+        let mut conn = self.reader("reading users by type").await?;
         sqlx::query_as::<_, Row>(SELECT_PAGE_BY_TYPE)
             .bind(user_type.number())
             .bind(after.map_or(0, |id| i64::from(id.get())))
             .bind(i64::from(limit))
-            .fetch_all(&self.reads)
+            .fetch_all(&mut *conn)
             .await
             .map_err(|e| classify(e, "reading users by type"))?
             .into_iter()
@@ -274,24 +290,44 @@ async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<InsertRequest>) {
 }
 
 /// Inserts every request's user in one transaction: all commit, or none do.
+///
+/// The transaction is plain SQL, not sqlx's `Transaction`: when COMMIT fails
+/// (a full disk), sqlx still counts a transaction as open, so its next
+/// `begin()` issues a SAVEPOINT and its "commit" a RELEASE inside a
+/// transaction that never commits: adds acknowledged, never written.
 async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: &[InsertRequest],
 ) -> Result<Vec<AddOutcome>, StoreError> {
     let ctx = "adding users";
-    let mut tx = conn.begin().await.map_err(|e| classify(e, ctx))?;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| classify(e, ctx))?;
     let mut outcomes = Vec::with_capacity(batch.len());
+    let mut result = Ok(());
     for req in batch {
-        let inserted = insert(&mut tx, &req.user)
-            .await
-            .map_err(|e| classify(e, ctx))?;
-        outcomes.push(if inserted == 1 {
-            AddOutcome::Added
-        } else {
-            AddOutcome::AlreadyExists
-        });
+        match insert(conn, &req.user).await {
+            Ok(inserted) => outcomes.push(if inserted == 1 {
+                AddOutcome::Added
+            } else {
+                AddOutcome::AlreadyExists
+            }),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
     }
-    tx.commit().await.map_err(|e| classify(e, ctx))?;
+    if result.is_ok() {
+        result = sqlx::query("COMMIT").execute(&mut *conn).await.map(drop);
+    }
+    if let Err(e) = result {
+        // SQLite ends the transaction itself on some failures (FULL, IOERR)
+        // and not on others (BUSY): after this ROLLBACK none is open.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return Err(classify(e, ctx));
+    }
     Ok(outcomes)
 }
 
