@@ -28,6 +28,7 @@ pub struct Settings {
     pub reflection: ReflectionSettings,
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
+    pub auth: AuthSettings,
     pub limits: LimitsSettings,
 }
 
@@ -35,9 +36,91 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
+    /// A plaintext listener serving only the health service; `""` for none.
+    #[serde(deserialize_with = "empty_as_none")]
+    pub health_listen: Option<SocketAddr>,
     pub request_timeout_ms: u64,
     pub lame_duck_ms: u64,
     pub drain_timeout_ms: u64,
+    pub tls: TlsSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub client_ca_path: PathBuf,
+    pub reload_interval_ms: u64,
+}
+
+impl TlsSettings {
+    /// TLS is on when a certificate is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty()
+    }
+
+    /// The CA bundle client certificates must chain to, if mTLS is on.
+    pub fn client_ca(&self) -> Option<&Path> {
+        (!self.client_ca_path.as_os_str().is_empty()).then_some(self.client_ca_path.as_path())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub enabled: bool,
+    /// Lines of `read TOKEN` or `write TOKEN`; empty for none.
+    pub tokens_file: PathBuf,
+    pub read_tokens: Vec<Secret>,
+    pub write_tokens: Vec<Secret>,
+    /// Client-certificate subjects (CN, DNS or URI SAN) granted each scope.
+    pub read_subjects: Vec<String>,
+    pub write_subjects: Vec<String>,
+}
+
+impl AuthSettings {
+    pub fn tokens_file(&self) -> Option<&Path> {
+        (!self.tokens_file.as_os_str().is_empty()).then_some(self.tokens_file.as_path())
+    }
+}
+
+/// A value that must never be printed: `Debug` shows `<redacted>`, so a
+/// logged `Settings` can't leak it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_owned())
+    }
+}
+
+/// `""` as `None`, as TOML has no null.
+fn empty_as_none<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let text = String::deserialize(deserializer)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// Resource limits; documented in `config/default.toml`, applied by `crate::limits`.
@@ -145,6 +228,14 @@ pub struct Explained {
     pub source: String,
 }
 
+/// Lists settable from the environment, comma-separated.
+const LIST_KEYS: [&str; 4] = [
+    "auth.read_tokens",
+    "auth.write_tokens",
+    "auth.read_subjects",
+    "auth.write_subjects",
+];
+
 /// One layer of configuration, in the order they apply.
 enum Layer {
     Embedded,
@@ -165,11 +256,15 @@ impl Layer {
                     .required(*required),
             ),
             Layer::Env(map) => builder.add_source(
-                Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(map.clone()),
+                LIST_KEYS.iter().fold(
+                    Environment::with_prefix(ENV_PREFIX)
+                        .prefix_separator("__")
+                        .separator("__")
+                        .try_parsing(true)
+                        .list_separator(",")
+                        .source(map.clone()),
+                    |env, key| env.with_list_parse_key(key),
+                ),
             ),
         }
     }
@@ -353,6 +448,60 @@ impl Settings {
                 format!("{:?} is not a tracing filter: {e}", self.log.level),
             );
         }
+        let tls = &self.server.tls;
+        if tls.enabled() == tls.key_path.as_os_str().is_empty() {
+            return bad(
+                "server.tls",
+                "cert_path and key_path go together: set both or neither".into(),
+            );
+        }
+        if tls.client_ca().is_some() && !tls.enabled() {
+            return bad(
+                "server.tls.client_ca_path",
+                "client certificates (mTLS) need TLS: set cert_path and key_path too".into(),
+            );
+        }
+        if self.server.health_listen == Some(self.server.listen) && self.server.listen.port() != 0 {
+            return bad(
+                "server.health_listen",
+                "must differ from server.listen".into(),
+            );
+        }
+        let auth = &self.auth;
+        let subjects = !auth.read_subjects.is_empty() || !auth.write_subjects.is_empty();
+        if subjects && tls.client_ca().is_none() {
+            return bad(
+                "auth.read_subjects/auth.write_subjects",
+                "mapping client-certificate subjects needs server.tls.client_ca_path (mTLS)".into(),
+            );
+        }
+        for (key, tokens) in [
+            ("auth.read_tokens", &auth.read_tokens),
+            ("auth.write_tokens", &auth.write_tokens),
+        ] {
+            // Empty entries (a trailing comma) are skipped.
+            for (n, token) in tokens.iter().enumerate() {
+                if !token.expose().is_empty()
+                    && let Err(why) = crate::auth::check_token(token.expose())
+                {
+                    return bad(key, format!("entry {}: {why}", n + 1));
+                }
+            }
+        }
+        let tokens = auth.tokens_file().is_some()
+            || auth
+                .read_tokens
+                .iter()
+                .chain(&auth.write_tokens)
+                .any(|t| !t.expose().is_empty());
+        if auth.enabled && !tokens && !subjects {
+            return bad(
+                "auth.enabled",
+                "no credential could pass: set auth.tokens_file, auth.read_tokens, \
+                 auth.write_tokens, auth.read_subjects or auth.write_subjects"
+                    .into(),
+            );
+        }
         Ok(())
     }
 }
@@ -492,6 +641,79 @@ mod tests {
             redact("auth.write_token", "\"abc\"".into()),
             "\"<redacted>\""
         );
+    }
+
+    #[test]
+    fn tls_and_auth_settings_are_checked_together() {
+        for (pairs, named) in [
+            (
+                &[("USER_MANAGER__SERVER__TLS__CERT_PATH", "c.pem")][..],
+                "cert_path and key_path go together",
+            ),
+            (
+                &[("USER_MANAGER__SERVER__TLS__CLIENT_CA_PATH", "ca.pem")],
+                "server.tls.client_ca_path",
+            ),
+            (
+                &[("USER_MANAGER__AUTH__READ_SUBJECTS", "reporting")],
+                "needs server.tls.client_ca_path",
+            ),
+            (&[("USER_MANAGER__AUTH__ENABLED", "true")], "auth.enabled"),
+            (
+                &[(
+                    "USER_MANAGER__AUTH__READ_TOKENS",
+                    "ok-token-0123456789,has space x",
+                )],
+                "auth.read_tokens: entry 2",
+            ),
+            (
+                &[("USER_MANAGER__SERVER__HEALTH_LISTEN", "nowhere")],
+                "health_listen",
+            ),
+        ] {
+            let err = with_env(pairs).unwrap_err().to_string();
+            assert!(err.contains(named), "{pairs:?}: {err}");
+            assert!(!err.contains("has space"), "a token in an error: {err}");
+        }
+        let s = with_env(&[
+            ("USER_MANAGER__AUTH__ENABLED", "true"),
+            // Lists from the environment are comma-separated; empty entries skipped.
+            (
+                "USER_MANAGER__AUTH__WRITE_TOKENS",
+                "token-one-0123456789,token-two-0123456789,",
+            ),
+            ("USER_MANAGER__SERVER__HEALTH_LISTEN", "127.0.0.1:8081"),
+        ])
+        .unwrap();
+        let tokens: Vec<&str> = s.auth.write_tokens.iter().map(Secret::expose).collect();
+        assert_eq!(
+            tokens[..2],
+            ["token-one-0123456789", "token-two-0123456789"]
+        );
+        assert_eq!(
+            s.server.health_listen,
+            Some("127.0.0.1:8081".parse().unwrap())
+        );
+        assert!(
+            !format!("{s:?}").contains("token-one"),
+            "Debug shows a token"
+        );
+        let explained = Settings::explain(Sources {
+            env: Some(
+                [(
+                    "USER_MANAGER__AUTH__READ_TOKENS".to_owned(),
+                    "token-one-0123456789".to_owned(),
+                )]
+                .into(),
+            ),
+            ..Sources::default()
+        })
+        .unwrap();
+        let line = explained
+            .iter()
+            .find(|e| e.key == "auth.read_tokens")
+            .unwrap();
+        assert_eq!(line.value, "\"<redacted>\"");
     }
 
     #[test]
