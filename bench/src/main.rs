@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 use crate::{
     load::{Outcome, Window},
     process::ServerProcess,
-    report::{Measured, MinRatio, Pair, Report},
+    report::{Measured, MinRatio, Report},
 };
 
 /// Streams in flight for GetUser and AddUser, spread over the connections.
@@ -59,6 +59,10 @@ struct Cli {
     /// Users in the database (default: 1,000,000; 2,000 with --smoke).
     #[arg(long)]
     users: Option<u32>,
+    /// Another user-manager build to measure alongside, e.g. the code before
+    /// a change (repeatable); shown in extra columns, not judged by the targets.
+    #[arg(long, value_name = "PATH")]
+    candidate_bin: Vec<PathBuf>,
     /// Directory for the temporary database (default: the system's temp dir).
     #[arg(long, value_name = "DIR")]
     db_dir: Option<PathBuf>,
@@ -156,26 +160,30 @@ fn main() -> ExitCode {
 
 /// One server under load, with the connections the load generator uses.
 struct Side {
+    name: String,
     server: ServerProcess,
+    /// How to start it again: binary and database (user-manager servers only).
+    restart: Option<(PathBuf, PathBuf)>,
     channels: Vec<Channel>,
     /// The next id AddUser will add.
     next_id: Arc<AtomicU32>,
+    startups: Vec<Duration>,
 }
 
 type Work<'a> = Pin<Box<dyn Future<Output = Outcome> + 'a>>;
 
-/// Runs `work` against both servers `passes` times, alternating which goes
+/// Runs `work` against every server `passes` times, rotating which goes
 /// first, and keeps each server's best pass: noise from other processes only
 /// ever slows a pass down.
 async fn compare(
-    sides: &mut [Side; 2],
+    sides: &mut [Side],
     passes: usize,
     work: impl for<'a> Fn(&'a Side) -> Work<'a>,
-) -> anyhow::Result<Pair> {
-    let mut best: [Option<Measured>; 2] = [None, None];
+) -> anyhow::Result<Vec<Measured>> {
+    let n = sides.len();
+    let mut best: Vec<Option<Measured>> = sides.iter().map(|_| None).collect();
     for pass in 0..passes {
-        let order = if pass % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+        for i in (0..n).map(|k| (k + pass) % n) {
             let m = measure(&mut sides[i], &work).await?;
             let better = best[i].as_ref().is_none_or(|b| {
                 (m.outcome.failures, -m.outcome.rate()) < (b.outcome.failures, -b.outcome.rate())
@@ -185,10 +193,9 @@ async fn compare(
             }
         }
     }
-    let [Some(reference), Some(ours)] = best else {
-        bail!("no pass was run");
-    };
-    Ok([reference, ours])
+    best.into_iter()
+        .map(|m| m.context("no pass was run"))
+        .collect()
 }
 
 /// Runs one workload against one server, with the server's CPU time and
@@ -211,6 +218,27 @@ async fn measure(
     })
 }
 
+/// A user-manager server over `db`, timed from process start to SERVING.
+async fn start_user_manager(binary: &Path, db: &Path) -> anyhow::Result<(ServerProcess, Duration)> {
+    let log = db.with_file_name("server.log");
+    let started = Instant::now();
+    let mut server = ServerProcess::user_manager(binary, db, &log)?;
+    let took = server.wait_serving(started).await?;
+    Ok((server, took))
+}
+
+/// The candidates' column names: their file names, unless ambiguous.
+fn candidate_names(paths: &[PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match p.file_name().and_then(|n| n.to_str()) {
+            Some(name) if name != "user-manager" => name.to_owned(),
+            _ => format!("candidate {}", i + 1),
+        })
+        .collect()
+}
+
 async fn run(cli: Cli) -> anyhow::Result<u64> {
     let plan = Plan::of(&cli);
     if cfg!(debug_assertions) && !cli.smoke {
@@ -229,17 +257,17 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
             .tempdir(),
     }
     .context("creating the temporary database directory")?;
-    let db = tmp.path().join("users.db");
-    let log = tmp.path().join("server.log");
 
     eprintln!(
-        "bench: {} mode, {} users, database in {}",
+        "bench: {} mode, {} users, databases in {}",
         plan.mode,
         plan.users,
         tmp.path().display()
     );
     let load_before = loadavg();
     let prepared = Instant::now();
+    let db = tmp.path().join("user-manager").join("users.db");
+    std::fs::create_dir_all(tmp.path().join("user-manager"))?;
     let migrated = process::user_manager_command(&binary, &db)
         .arg("migrate")
         .stdout(Stdio::null())
@@ -249,33 +277,53 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         bail!("user-manager migrate failed ({migrated})");
     }
     dataset::populate(&db, plan.users).await?;
+    // Each user-manager server gets its own copy: AddUser writes to it.
+    let mut servers = vec![("user-manager".to_owned(), binary.clone(), db.clone())];
+    for (name, path) in candidate_names(&cli.candidate_bin)
+        .into_iter()
+        .zip(&cli.candidate_bin)
+    {
+        let dir = tmp.path().join(format!("candidate-{}", servers.len()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&db, dir.join("users.db")).context("copying the database")?;
+        servers.push((name, path.clone(), dir.join("users.db")));
+    }
     eprintln!(
         "bench: database ready in {:.1} s",
         prepared.elapsed().as_secs_f64()
     );
 
-    let mut startups = Vec::new();
-    let started = Instant::now();
-    let mut ours = ServerProcess::user_manager(&binary, &db, &log)?;
-    startups.push(ours.wait_serving(started).await?);
     let mut reference = ServerProcess::reference(plan.users)?;
     reference.wait_answering().await?;
-    // Idle memory after the process settled (the health checker has run).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = [reference.rss_kib(), ours.rss_kib()];
-
-    let mut sides = [reference, ours].map(|server| Side {
-        server,
+    let mut sides = vec![Side {
+        name: "reference".into(),
+        server: reference,
+        restart: None,
         channels: Vec::new(),
         next_id: Arc::new(AtomicU32::new(plan.users + 1)),
-    });
+        startups: Vec::new(),
+    }];
+    for (name, binary, db) in servers {
+        let (server, took) = start_user_manager(&binary, &db).await?;
+        sides.push(Side {
+            name,
+            server,
+            restart: Some((binary, db)),
+            channels: Vec::new(),
+            next_id: Arc::new(AtomicU32::new(plan.users + 1)),
+            startups: vec![took],
+        });
+    }
+    // Idle memory once the processes settled (the health checker has run).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle: Vec<Option<u64>> = sides.iter().map(|s| s.server.rss_kib()).collect();
     for side in &mut sides {
         side.channels = side.server.connect(CONNECTIONS).await?;
     }
 
     let (users, window) = (plan.users, plan.window);
-    let mut report = Report::default();
-    report.throughput_table();
+    let mut report = Report::new(sides.iter().map(|s| s.name.clone()).collect());
+    report.table("Workload", true);
 
     eprintln!("bench: GetUser");
     let get_user = compare(&mut sides, plan.passes, |s| {
@@ -290,10 +338,9 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     );
 
     eprintln!("bench: GetUser at half of the peak rate");
-    let half = [0, 1].map(|i| get_user[i].outcome.rate() / 2.0);
     let mut paced = Vec::new();
-    for (i, side) in sides.iter_mut().enumerate() {
-        let rate = half[i];
+    for (side, peak) in sides.iter_mut().zip(&get_user) {
+        let rate = peak.outcome.rate() / 2.0;
         paced.push(
             measure(side, |s| {
                 Box::pin(load::get_user(
@@ -307,7 +354,6 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
             .await?,
         );
     }
-    let paced: Pair = paced.try_into().map_err(|_| anyhow::anyhow!("two sides"))?;
     report.paced(
         "GetUser at half its peak rate",
         &paced,
@@ -385,66 +431,62 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_after = [sides[0].server.rss_kib(), sides[1].server.rss_kib()];
-    let peak = |i: usize| {
-        [
-            &get_user, &paced, &by_type, &count, &ping_pong, &by_ids, &add_user,
-        ]
-        .iter()
-        .filter_map(|pair| pair[i].peak_rss_kib)
-        .max()
-    };
-    let peaks = [peak(0), peak(1)];
-    let [reference, ours] = sides.map(|s| s.server);
-    drop(reference);
-    ours.terminate()?;
+    let idle_after: Vec<Option<u64>> = sides.iter().map(|s| s.server.rss_kib()).collect();
+    let all = [
+        &get_user, &paced, &by_type, &count, &ping_pong, &by_ids, &add_user,
+    ];
+    let peaks: Vec<Option<u64>> = (0..sides.len())
+        .map(|i| all.iter().filter_map(|w| w[i].peak_rss_kib).max())
+        .collect();
 
     eprintln!("bench: start-up");
-    let mut idle_fresh = None;
-    for _ in 0..plan.starts {
-        let started = Instant::now();
-        let mut ours = ServerProcess::user_manager(&binary, &db, &log)?;
-        startups.push(ours.wait_serving(started).await?);
-        if idle_fresh.is_none() {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            idle_fresh = ours.rss_kib();
+    let mut idle_fresh = vec![None];
+    let mut startups = Vec::new();
+    for side in sides.drain(..) {
+        let Some((binary, db)) = side.restart else {
+            continue;
+        };
+        side.server.terminate()?;
+        let mut samples = side.startups;
+        let mut fresh = None;
+        for _ in 0..plan.starts {
+            let (server, took) = start_user_manager(&binary, &db).await?;
+            samples.push(took);
+            if fresh.is_none() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                fresh = server.rss_kib();
+            }
+            server.terminate()?;
         }
-        ours.terminate()?;
+        idle_fresh.push(fresh);
+        startups.push(samples);
     }
 
     report.text("");
-    report.memory_table();
-    let mib = Some;
-    report.memory(
-        "resident, idle after start",
-        idle[1].max(idle_fresh),
-        idle[0],
-        mib(32.0),
-    );
-    report.memory(
-        "resident, idle after the workloads",
-        idle_after[1],
-        idle_after[0],
-        None,
-    );
-    report.memory("peak resident, all workloads", peaks[1], peaks[0], None);
+    report.table("Memory and start-up", false);
+    let idle_start: Vec<Option<u64>> = idle
+        .iter()
+        .zip(&idle_fresh)
+        .map(|(a, b)| (*a).max(*b))
+        .collect();
+    report.memory("resident, idle after start", &idle_start, Some(32.0));
+    report.memory("resident, idle after the workloads", &idle_after, None);
+    report.memory("peak resident, all workloads", &peaks, None);
+    let peak_of = |w: &[Measured]| w.iter().map(|m| m.peak_rss_kib).collect::<Vec<_>>();
     report.memory(
         "peak resident, GetUsersByType stream",
-        by_type[1].peak_rss_kib,
-        by_type[0].peak_rss_kib,
-        mib(64.0),
+        &peak_of(&by_type),
+        Some(64.0),
     );
     report.memory(
         "peak resident, CountAlreadyUsers stream",
-        count[1].peak_rss_kib,
-        count[0].peak_rss_kib,
-        mib(64.0),
+        &peak_of(&count),
+        Some(64.0),
     );
     report.memory(
         "peak resident, GetUsersByIds streams",
-        by_ids[1].peak_rss_kib,
-        by_ids[0].peak_rss_kib,
-        mib(64.0),
+        &peak_of(&by_ids),
+        Some(64.0),
     );
     report.startup(
         &format!("start to SERVING, {users} users"),

@@ -10,7 +10,7 @@ use crate::load::Outcome;
 pub const BEGIN: &str = "<!-- bench:begin (written by `bench`; edits inside are overwritten) -->";
 pub const END: &str = "<!-- bench:end -->";
 
-/// One workload measured on both servers.
+/// One workload measured on one server.
 pub struct Measured {
     pub outcome: Outcome,
     /// CPU time the server used during the workload.
@@ -25,9 +25,6 @@ impl Measured {
     }
 }
 
-/// A pair: `[reference, user-manager]`.
-pub type Pair = [Measured; 2];
-
 /// A throughput target: user-manager's rate at least this fraction of the reference's.
 pub struct MinRatio(pub f64);
 
@@ -37,30 +34,132 @@ pub struct Verdict {
     pub detail: String,
 }
 
-#[derive(Default)]
+/// The report over every server measured: the reference first, then
+/// user-manager (whose figures the targets judge), then any candidates.
 pub struct Report {
+    sides: Vec<String>,
     lines: String,
     pub verdicts: Vec<Verdict>,
     pub failures: u64,
-    pub failure_notes: Vec<String>,
+    failure_notes: Vec<String>,
 }
 
 impl Report {
+    pub fn new(sides: Vec<String>) -> Self {
+        Self {
+            sides,
+            lines: String::new(),
+            verdicts: Vec::new(),
+            failures: 0,
+            failure_notes: Vec::new(),
+        }
+    }
+
     pub fn text(&mut self, text: &str) {
         let _ = writeln!(self.lines, "{text}");
     }
 
-    pub fn throughput_table(&mut self) {
-        self.text(
-            "| Workload | Measure | user-manager | reference | ratio | target |\n\
-             |---|---|--:|--:|--:|---|",
+    /// The header of a table: what, measure, then each server.
+    pub fn table(&mut self, first: &str, measure_column: bool) {
+        let (measure, measure_rule) = if measure_column {
+            (" Measure |", "---|")
+        } else {
+            ("", "")
+        };
+        let mut header = format!(
+            "| {first} |{measure} {} | {} | ratio | target |",
+            self.sides[0], self.sides[1]
         );
+        let mut rule = format!("|---|{measure_rule}--:|--:|--:|---|");
+        for candidate in &self.sides[2..] {
+            let _ = write!(header, " {candidate} | ratio |");
+            rule.push_str("--:|--:|");
+        }
+        let _ = writeln!(self.lines, "{header}\n{rule}");
     }
 
     /// Throughput, latency and CPU-per-operation rows for one workload.
-    pub fn workload(&mut self, name: &str, unit: &str, pair: &Pair, target: MinRatio) {
-        let [reference, ours] = pair;
-        for (side, m) in ["reference", "user-manager"].iter().zip(pair) {
+    pub fn workload(&mut self, name: &str, unit: &str, all: &[Measured], target: MinRatio) {
+        self.count_failures(name, all);
+        let rate_of = |m: &Measured| Some(m.outcome.rate());
+        let ratio = all[1].outcome.rate() / all[0].outcome.rate();
+        let MinRatio(min) = target;
+        let met = ratio >= min;
+        self.verdicts.push(Verdict {
+            what: format!("{name}: at least {min}× the reference's throughput"),
+            met,
+            detail: ratio_detail(ratio, min),
+        });
+        let target = format!("≥ {min}× {}", mark(met));
+        self.row(name, &format!("{unit}/s"), all, rate_of, rate, &target);
+        if !all[1].outcome.latencies.is_empty() {
+            for p in [50.0, 99.0] {
+                let latency = |m: &Measured| m.outcome.percentile(p).map(|d| d.as_secs_f64());
+                self.row(name, &format!("p{p} latency"), all, latency, ms, "");
+            }
+        }
+        let cpu = |m: &Measured| m.cpu_per_op().map(|d| d.as_secs_f64());
+        self.row(name, &format!("server CPU per {unit}"), all, cpu, us, "");
+    }
+
+    /// The latency target at a fixed rate: user-manager's p99 below `bound`.
+    pub fn paced(&mut self, name: &str, all: &[Measured], bound: Duration) {
+        self.count_failures(name, all);
+        self.row(name, "rate sent", all, |m| Some(m.outcome.rate()), rate, "");
+        let p50 = |m: &Measured| m.outcome.percentile(50.0).map(|d| d.as_secs_f64());
+        self.row(name, "p50 latency", all, p50, ms, "");
+        let p99 = |m: &Measured| m.outcome.percentile(99.0).map(|d| d.as_secs_f64());
+        let ours = p99(&all[1]).unwrap_or(f64::INFINITY);
+        let target = self.absolute(
+            &format!("{name}: p99"),
+            ours * 1e3,
+            bound.as_secs_f64() * 1e3,
+            "ms",
+        );
+        self.row(name, "p99 latency", all, p99, ms, &target);
+    }
+
+    /// A resident-memory row (KiB per server); the reference is for scale
+    /// only, as it holds every user in memory.
+    pub fn memory(&mut self, what: &str, kib: &[Option<u64>], max_mib: Option<f64>) {
+        let target = match (kib[1], max_mib) {
+            (Some(k), Some(max)) => self.absolute(what, k as f64 / 1024.0, max, "MiB"),
+            (None, Some(_)) => "not measured".into(),
+            (_, None) => String::new(),
+        };
+        let values: Vec<Option<f64>> = kib.iter().map(|k| k.map(|k| k as f64 * 1024.0)).collect();
+        self.cells(what, None, &values, mib, &target);
+    }
+
+    /// Start-up times per user-manager server (the reference's is not comparable).
+    pub fn startup(&mut self, what: &str, samples: &mut [Vec<Duration>], bound: Duration) {
+        let mut medians = vec![None];
+        let mut maxima = vec![None];
+        for s in samples.iter_mut() {
+            s.sort_unstable();
+            medians.push(s.get(s.len() / 2).map(Duration::as_secs_f64));
+            maxima.push(s.last().map(Duration::as_secs_f64));
+        }
+        let worst = maxima[1].unwrap_or(f64::INFINITY);
+        let target = self.absolute(
+            &format!("{what} (slowest)"),
+            worst * 1e3,
+            bound.as_secs_f64() * 1e3,
+            "ms",
+        );
+        let n = samples.first().map_or(0, Vec::len);
+        self.cells(&format!("{what}, median of {n}"), None, &medians, ms, "");
+        self.cells(
+            &format!("{what}, slowest of {n}"),
+            None,
+            &maxima,
+            ms,
+            &target,
+        );
+    }
+
+    fn count_failures(&mut self, name: &str, all: &[Measured]) {
+        for (side, m) in self.sides.iter().zip(all) {
             self.failures += m.outcome.failures;
             if let Some(first) = &m.outcome.first_failure {
                 self.failure_notes.push(format!(
@@ -69,141 +168,47 @@ impl Report {
                 ));
             }
         }
-        let ratio = ours.outcome.rate() / reference.outcome.rate();
-        let MinRatio(min) = target;
-        let met = ratio >= min;
-        self.verdicts.push(Verdict {
-            what: format!("{name}: at least {min}× the reference's throughput"),
-            met,
-            detail: ratio_detail(ratio, min),
-        });
-        let target_text = format!("≥ {min}× {}", if met { "✅" } else { "❌" });
-        self.row(
-            name,
-            &format!("{unit}/s"),
-            &rate(ours.outcome.rate()),
-            &rate(reference.outcome.rate()),
-            Some(ratio),
-            &target_text,
-        );
-        if let (Some(p50), Some(p99)) =
-            (ours.outcome.percentile(50.0), ours.outcome.percentile(99.0))
-        {
-            let (r50, r99) = (
-                reference.outcome.percentile(50.0).unwrap_or_default(),
-                reference.outcome.percentile(99.0).unwrap_or_default(),
-            );
-            self.row(
-                name,
-                "p50 latency",
-                &ms(p50),
-                &ms(r50),
-                Some(secs_ratio(p50, r50)),
-                "",
-            );
-            self.row(
-                name,
-                "p99 latency",
-                &ms(p99),
-                &ms(r99),
-                Some(secs_ratio(p99, r99)),
-                "",
-            );
-        }
-        if let (Some(ours_cpu), Some(ref_cpu)) = (ours.cpu_per_op(), reference.cpu_per_op()) {
-            self.row(
-                name,
-                &format!("server CPU per {unit}"),
-                &us(ours_cpu),
-                &us(ref_cpu),
-                Some(secs_ratio(ours_cpu, ref_cpu)),
-                "",
-            );
-        }
     }
 
-    /// The latency target at a fixed rate: p99 below `bound`.
-    pub fn paced(&mut self, name: &str, pair: &Pair, bound: Duration) {
-        self.failures += pair.iter().map(|m| m.outcome.failures).sum::<u64>();
-        let [reference, ours] = pair;
-        self.row(
-            name,
-            "rate sent",
-            &rate(ours.outcome.rate()),
-            &rate(reference.outcome.rate()),
-            None,
-            "",
-        );
-        let pct = |m: &Measured, p| m.outcome.percentile(p).unwrap_or_default();
-        self.row(
-            name,
-            "p50 latency",
-            &ms(pct(ours, 50.0)),
-            &ms(pct(reference, 50.0)),
-            None,
-            "",
-        );
-        let p99 = pct(ours, 99.0);
-        let target = self.absolute(
-            &format!("{name}: p99"),
-            p99.as_secs_f64() * 1e3,
-            bound.as_secs_f64() * 1e3,
-            "ms",
-        );
-        self.row(
-            name,
-            "p99 latency",
-            &ms(p99),
-            &ms(pct(reference, 99.0)),
-            None,
-            &target,
-        );
-    }
-
-    pub fn memory_table(&mut self) {
-        self.text("| Memory and start-up | user-manager | reference | target |\n|---|--:|--:|---|");
-    }
-
-    /// A resident-memory row; `reference` is for scale only (it holds every user in memory).
-    pub fn memory(
+    fn row(
         &mut self,
-        what: &str,
-        ours_kib: Option<u64>,
-        reference_kib: Option<u64>,
-        max_mib: Option<f64>,
+        name: &str,
+        measure: &str,
+        all: &[Measured],
+        value: impl Fn(&Measured) -> Option<f64>,
+        format: fn(f64) -> String,
+        target: &str,
     ) {
-        let mib =
-            |k: Option<u64>| k.map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
-        let target = match (ours_kib, max_mib) {
-            (Some(k), Some(max)) => self.absolute(what, k as f64 / 1024.0, max, "MiB"),
-            (None, Some(_)) => "not measured".into(),
-            (_, None) => String::new(),
-        };
-        let _ = writeln!(
-            self.lines,
-            "| {what} | {} | {} | {target} |",
-            mib(ours_kib),
-            mib(reference_kib)
-        );
+        let values: Vec<Option<f64>> = all.iter().map(value).collect();
+        self.cells(name, Some(measure), &values, format, target);
     }
 
-    pub fn startup(&mut self, what: &str, samples: &mut [Duration], bound: Duration) {
-        samples.sort_unstable();
-        let median = samples[samples.len() / 2];
-        let max = samples[samples.len() - 1];
-        let target = self.absolute(
-            what,
-            max.as_secs_f64() * 1e3,
-            bound.as_secs_f64() * 1e3,
-            "ms",
-        );
-        let _ = writeln!(
-            self.lines,
-            "| {what} (median, max of {}) | {}, {} | — | {target} |",
-            samples.len(),
-            ms(median),
-            ms(max)
-        );
+    /// One table row: the reference's value, then each server's with its
+    /// ratio to the reference, user-manager's followed by the target.
+    fn cells(
+        &mut self,
+        name: &str,
+        measure: Option<&str>,
+        values: &[Option<f64>],
+        format: fn(f64) -> String,
+        target: &str,
+    ) {
+        let cell = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), format);
+        let mut line = match measure {
+            Some(measure) => format!("| {name} | {measure} | {} |", cell(values[0])),
+            None => format!("| {name} | {} |", cell(values[0])),
+        };
+        for (i, v) in values.iter().enumerate().skip(1) {
+            let ratio = match (v, values[0]) {
+                (Some(v), Some(r)) if r > 0.0 => format!("{:.2}×", v / r),
+                _ => String::new(),
+            };
+            let _ = write!(line, " {} | {ratio} |", cell(*v));
+            if i == 1 {
+                let _ = write!(line, " {target} |");
+            }
+        }
+        let _ = writeln!(self.lines, "{line}");
     }
 
     /// Records an upper-bound target and returns its table cell.
@@ -222,29 +227,13 @@ impl Report {
             met,
             detail,
         });
-        format!("< {bound} {unit} {}", if met { "✅" } else { "❌" })
-    }
-
-    fn row(
-        &mut self,
-        name: &str,
-        measure: &str,
-        ours: &str,
-        reference: &str,
-        ratio: Option<f64>,
-        target: &str,
-    ) {
-        let ratio = ratio.map_or(String::new(), |r| format!("{r:.2}×"));
-        let _ = writeln!(
-            self.lines,
-            "| {name} | {measure} | {ours} | {reference} | {ratio} | {target} |"
-        );
+        format!("< {bound} {unit} {}", mark(met))
     }
 
     /// The report: tables, then every target's verdict, then failures.
     pub fn render(&self) -> String {
         let mut out = self.lines.clone();
-        out.push_str("\nTargets:\n\n");
+        out.push_str("\nTargets (user-manager):\n\n");
         for v in &self.verdicts {
             let mark = if v.met { "met" } else { "**missed**" };
             let _ = writeln!(out, "- {mark}: {} ({})", v.what, v.detail);
@@ -261,16 +250,16 @@ impl Report {
     }
 }
 
+fn mark(met: bool) -> &'static str {
+    if met { "✅" } else { "❌" }
+}
+
 fn ratio_detail(ratio: f64, min: f64) -> String {
     if ratio >= min {
         format!("{ratio:.2}×")
     } else {
         format!("{ratio:.2}×, {:.0}% short", (1.0 - ratio / min) * 100.0)
     }
-}
-
-fn secs_ratio(a: Duration, b: Duration) -> f64 {
-    a.as_secs_f64() / b.as_secs_f64().max(1e-12)
 }
 
 fn rate(per_sec: f64) -> String {
@@ -283,12 +272,16 @@ fn rate(per_sec: f64) -> String {
     }
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+fn ms(secs: f64) -> String {
+    format!("{:.3} ms", secs * 1e3)
 }
 
-fn us(d: Duration) -> String {
-    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+fn us(secs: f64) -> String {
+    format!("{:.1} µs", secs * 1e6)
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
 /// Replaces the results between the markers of `path` (creating the file,
