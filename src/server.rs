@@ -2,22 +2,25 @@
 //! service next to health and reflection, and the server run until a
 //! shutdown signal.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{net::TcpListener, sync::oneshot, task::AbortHandle};
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{pb::health_server::HealthServer, server::HealthService};
 
 use crate::{
+    auth::{AuthLayer, Authorizer},
     config::Settings,
     deadline::DeadlineLayer,
     health::Health,
+    limits,
     proto::{self, user_manager_server::UserManagerServer},
     seed,
     service::UserManagerService,
     shutdown::drain_pair,
     store::{SeedOutcome, SqliteStore, UserStore},
+    tls::{self, ReloadingTls},
 };
 
 /// Opens the database, brings its schema up to date and imports the seed
@@ -50,17 +53,38 @@ pub struct Application {
     settings: Settings,
     health: Health,
     health_server: HealthServer<HealthService>,
+    /// `server.health_listen`: plaintext, the health service only.
+    health_listener: Option<TcpListener>,
+    tls: Option<Arc<ReloadingTls>>,
+    authorizer: Option<Arc<Authorizer>>,
 }
 
 impl Application {
     /// Prepares the store and binds the listener; the port is known (and
     /// connectable) when this returns, so tests can bind port 0.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Certificate and token files are checked before the database is touched.
+        let tls_settings = &settings.server.tls;
+        let tls = tls_settings
+            .enabled()
+            .then(|| ReloadingTls::load(tls_settings))
+            .transpose()?;
+        let authorizer = Authorizer::from_settings(&settings.auth)?;
         let store = prepare_store(&settings).await?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
         let local_addr = listener.local_addr()?;
+        let health_listener = match settings.server.health_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding server.health_listen {addr}"))?;
+                tracing::info!(listen = %listener.local_addr()?, "health-only plaintext listener");
+                Some(listener)
+            }
+            None => None,
+        };
         let (health, health_server) = Health::new().await;
         health.set_database_ok(store.check().await.is_ok()).await;
         tracing::info!(
@@ -75,11 +99,21 @@ impl Application {
             settings,
             health,
             health_server,
+            health_listener,
+            tls,
+            authorizer,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the health-only listener is bound, if `server.health_listen` is set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     /// Serves until SIGTERM or SIGINT.
@@ -104,27 +138,65 @@ impl Application {
         } else {
             (None, None)
         };
+        let limits = &self.settings.limits;
         let service = UserManagerServer::new(UserManagerService::new(
             self.store.clone(),
             self.health.clone(),
             drain,
-        ));
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
         let (stop_accepting, stopped_accepting) = oneshot::channel::<()>();
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let router = Server::builder()
+        let router = limits::apply(Server::builder(), limits)
             .layer(crate::rpc_trace::RpcTraceLayer::new())
+            .layer(AuthLayer::new(self.authorizer.clone()))
+            .layer(limits::LimitsLayer::new(limits))
             .layer(DeadlineLayer::new(ms(server_settings.request_timeout_ms)))
-            .add_service(self.health_server)
+            .add_service(self.health_server.clone())
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
             .add_service(service);
-        let mut serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let stop = async {
             let _ = stopped_accepting.await;
-        }));
+        };
+        let mut serving = match self.tls.clone() {
+            Some(tls) => {
+                let incoming = tls::incoming(self.listener, tls);
+                let incoming = limits::with_max_age(incoming, limits);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+            None => {
+                let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+                let incoming = limits::with_max_age(incoming, limits);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+        };
         let checker = self.health.spawn_checker(
             self.store.clone(),
             ms(self.settings.health.check_interval_ms),
         );
+        // Until this function returns: probes keep their answers through the
+        // drain, and certificates keep reloading.
+        let mut background = AbortOnDrop(Vec::new());
+        if let Some(listener) = self.health_listener {
+            let health_only = Server::builder()
+                .add_service(self.health_server)
+                .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
+            background.0.push(
+                tokio::spawn(async move {
+                    if let Err(e) = health_only.await {
+                        tracing::error!(error = %e, "the health-only listener failed");
+                    }
+                })
+                .abort_handle(),
+            );
+        }
+        if let Some(tls) = &self.tls {
+            let interval = ms(server_settings.tls.reload_interval_ms);
+            background
+                .0
+                .push(tls.clone().spawn_reloader(interval).abort_handle());
+        }
 
         tokio::pin!(shutdown);
         let ended_early = tokio::select! {
@@ -169,6 +241,17 @@ impl Application {
         self.store.close().await;
         tracing::info!("shutdown complete");
         served
+    }
+}
+
+/// Aborts its tasks when dropped, on every way out of `run_until`.
+struct AbortOnDrop(Vec<AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
