@@ -1,6 +1,11 @@
+//! The `user-manager` command: serve, migrate, healthcheck, config.
+
+#![forbid(unsafe_code)]
+
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -37,7 +42,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct HealthcheckArgs {
-    /// The server to ask [default: 127.0.0.1 on server.listen's port]
+    /// The server to ask [default: 127.0.0.1 on server.health_listen's port if
+    /// set and --tls is not given, else on server.listen's]
     #[arg(long, value_name = "HOST:PORT")]
     addr: Option<String>,
     /// The health service name: "" (the server), "readiness", "liveness", "UserManager".
@@ -46,6 +52,52 @@ struct HealthcheckArgs {
     /// Give up after this long, in milliseconds.
     #[arg(long, default_value_t = 2000, value_name = "MS")]
     timeout_ms: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// Speak TLS, verifying the server's certificate against --ca.
+    #[arg(long, requires = "ca")]
+    tls: bool,
+    /// PEM file of the CA certificates the server's certificate chains to.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// PEM file of a client certificate, for a server that requires one (mTLS).
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "key"])]
+    cert: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "cert"])]
+    key: Option<PathBuf>,
+    /// The name the server's certificate must be valid for [default: the host of --addr].
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The client TLS configuration, if TLS was asked for.
+    fn client_config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        use anyhow::Context as _;
+        let (true, Some(ca)) = (self.tls, &self.ca) else {
+            return Ok(None);
+        };
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca", ca)?));
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config = config.identity(Identity::from_pem(
+                read("--cert", cert)?,
+                read("--key", key)?,
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            config = config.domain_name(name);
+        }
+        Ok(Some(config))
+    }
 }
 
 fn main() -> ExitCode {
@@ -109,7 +161,13 @@ fn healthcheck(args: HealthcheckArgs, config: Option<PathBuf>) -> ExitCode {
     let addr = match args.addr {
         Some(addr) => addr,
         None => match Settings::load(config) {
-            Ok(settings) => format!("127.0.0.1:{}", settings.server.listen.port()),
+            Ok(settings) => {
+                let port = match settings.server.health_listen {
+                    Some(health) if !args.tls.tls => health.port(),
+                    _ => settings.server.listen.port(),
+                };
+                format!("127.0.0.1:{port}")
+            }
             Err(e) => {
                 eprintln!("user-manager: {e}");
                 return ExitCode::from(2);
@@ -127,7 +185,14 @@ fn healthcheck(args: HealthcheckArgs, config: Option<PathBuf>) -> ExitCode {
         }
     };
     let timeout = Duration::from_millis(args.timeout_ms);
-    match runtime.block_on(check_health(&addr, &args.service, timeout)) {
+    let tls = match args.tls.client_config() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("user-manager: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(check_health(&addr, &args.service, tls, timeout)) {
         Ok(status) if status == ServingStatus::Serving => {
             println!("{}", status.as_str_name());
             ExitCode::SUCCESS
@@ -146,11 +211,16 @@ fn healthcheck(args: HealthcheckArgs, config: Option<PathBuf>) -> ExitCode {
 async fn check_health(
     addr: &str,
     service: &str,
+    tls: Option<ClientTlsConfig>,
     timeout: Duration,
 ) -> anyhow::Result<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut channel = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(timeout)
         .timeout(timeout);
+    if let Some(tls) = tls {
+        channel = channel.tls_config(tls)?;
+    }
     let ask = async {
         let mut client = HealthClient::new(channel.connect().await?);
         let response = client
