@@ -274,3 +274,17 @@ pub fn grpc_frame(message: &impl prost::Message) -> bytes::Bytes {
     frame.extend_from_slice(&payload);
     frame.into()
 }
+
+/// Polls `check` until it holds; panics after `within` (generous: this waits
+/// for a state, it does not time anything).
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
