@@ -120,8 +120,21 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `user-manager serve` over the database in `dir` and waits for SERVING.
     pub async fn start(dir: &Path, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_via(&[], dir, extra_env).await
+    }
+
+    /// Like `start`, with the binary run by `wrapper` (a command line that
+    /// execs its last argument, e.g. `nsenter` into a test's mount namespace).
+    pub async fn start_via(wrapper: &[&str], dir: &Path, extra_env: &[(&str, &str)]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = Command::new(BINARY);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(BINARY);
+                cmd
+            }
+            None => Command::new(BINARY),
+        };
         cmd.arg("serve")
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
