@@ -109,13 +109,6 @@ impl Application {
         self.local_addr
     }
 
-    /// Where the health-only listener is bound, if `server.health_listen` is set.
-    pub fn health_addr(&self) -> Option<SocketAddr> {
-        self.health_listener
-            .as_ref()
-            .and_then(|listener| listener.local_addr().ok())
-    }
-
     /// Serves until SIGTERM or SIGINT.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(shutdown_signal()).await
