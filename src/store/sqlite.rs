@@ -28,12 +28,18 @@ const MAX_GROUP_COMMIT: usize = 256;
 const INSERT_QUEUE: usize = 1024;
 
 const SELECT_BY_ID: &str = "SELECT id, nickname, mail_address, user_type FROM users WHERE id = ?1";
-const SELECT_MANY: &str = "SELECT u.id, u.nickname, u.mail_address, u.user_type \
-     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value ORDER BY j.key";
+// Queries that return many users aggregate them into one JSON array of
+// [id, nickname, mail_address, user_type] rows: one value crosses from sqlx's
+// connection thread, not one message per row (see BENCHMARKS.md).
+const SELECT_MANY: &str = "SELECT json_group_array(\
+     json_array(u.id, u.nickname, u.mail_address, u.user_type) ORDER BY j.key) \
+     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
 const COUNT_MANY: &str =
     "SELECT COUNT(*) FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
-const SELECT_PAGE_BY_TYPE: &str = "SELECT id, nickname, mail_address, user_type FROM users \
-     WHERE user_type = ?1 AND id > ?2 ORDER BY id LIMIT ?3";
+const SELECT_PAGE_BY_TYPE: &str = "SELECT json_group_array(\
+     json_array(id, nickname, mail_address, user_type) ORDER BY id) \
+     FROM (SELECT id, nickname, mail_address, user_type FROM users \
+     WHERE user_type = ?1 AND id > ?2 ORDER BY id LIMIT ?3)";
 const INSERT: &str = "INSERT INTO users (id, nickname, mail_address, user_type) \
      VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING";
 
@@ -172,14 +178,12 @@ impl UserStore for SqliteStore {
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
         let mut conn = self.reader("reading users by id").await?;
-        sqlx::query_as::<_, Row>(SELECT_MANY)
+        let json: String = sqlx::query_scalar(SELECT_MANY)
             .bind(json_array(ids))
-            .fetch_all(&mut *conn)
+            .fetch_one(&mut *conn)
             .await
-            .map_err(|e| classify(e, "reading users by id"))?
-            .into_iter()
-            .map(to_user)
-            .collect()
+            .map_err(|e| classify(e, "reading users by id"))?;
+        users_from_json(&json)
     }
 
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
@@ -214,16 +218,14 @@ impl UserStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<User>, StoreError> {
         let mut conn = self.reader("reading users by type").await?;
-        sqlx::query_as::<_, Row>(SELECT_PAGE_BY_TYPE)
+        let json: String = sqlx::query_scalar(SELECT_PAGE_BY_TYPE)
             .bind(user_type.number())
             .bind(after.map_or(0, |id| i64::from(id.get())))
             .bind(i64::from(limit))
-            .fetch_all(&mut *conn)
+            .fetch_one(&mut *conn)
             .await
-            .map_err(|e| classify(e, "reading users by type"))?
-            .into_iter()
-            .map(to_user)
-            .collect()
+            .map_err(|e| classify(e, "reading users by type"))?;
+        users_from_json(&json)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -349,6 +351,15 @@ fn to_user((id, nickname, mail_address, user_type): Row) -> Result<User, StoreEr
     let type_i32 = i32::try_from(user_type).unwrap_or(-1);
     User::parse(id_u32, nickname, mail_address, type_i32)
         .map_err(|e| StoreError::Internal(format!("stored user {id} is invalid: {e}")))
+}
+
+/// Users from a JSON array of rows, as `SELECT_MANY` and `SELECT_PAGE_BY_TYPE` return them.
+fn users_from_json(json: &str) -> Result<Vec<User>, StoreError> {
+    serde_json::from_str::<Vec<Row>>(json)
+        .map_err(|e| StoreError::Internal(format!("decoding stored users: {e}")))?
+        .into_iter()
+        .map(to_user)
+        .collect()
 }
 
 /// Ids as a JSON array, for `json_each`: one statement for any batch size.
