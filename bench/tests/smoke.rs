@@ -1,0 +1,75 @@
+//! The benchmark in smoke mode, end to end: it builds nothing, starts the
+//! real user-manager binary and the reference server, runs every workload at
+//! tiny sizes, checks every answer and writes its report. Nothing here is
+//! timed or compared with a target: CI only learns that the benchmark works.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// The user-manager binary of this workspace build. `scripts/test` builds the
+/// whole workspace, so it sits next to `bench`; when only this package was
+/// built, cargo builds it here.
+fn server_binary() -> PathBuf {
+    let sibling = Path::new(env!("CARGO_BIN_EXE_bench")).with_file_name("user-manager");
+    if !sibling.exists() {
+        let built = Command::new(env!("CARGO"))
+            .args(["build", "--bin", "user-manager"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo runs");
+        assert!(built.success(), "cargo build --bin user-manager failed");
+    }
+    sibling
+}
+
+#[test]
+fn smoke_run_checks_every_workload_and_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("BENCHMARKS.md");
+    std::fs::write(&out, "# Notes kept around the results\n").unwrap();
+
+    let run = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--smoke")
+        .arg("--server-bin")
+        .arg(server_binary())
+        .arg("--out")
+        .arg(&out)
+        .arg("--db-dir")
+        .arg(dir.path())
+        .output()
+        .expect("bench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench --smoke failed ({}):\n{stdout}\n{stderr}",
+        run.status
+    );
+
+    let report = std::fs::read_to_string(&out).unwrap();
+    assert!(report.starts_with("# Notes kept around the results\n"));
+    for row in [
+        "| GetUser, 64 callers | request/s |",
+        "| GetUser at half its peak rate | p99 latency |",
+        "| GetUsersByType, 500 of 2000 users | message/s |",
+        "| CountAlreadyUsers, 5000 ids in one stream | id/s |",
+        "| GetUsersByIds, ping-pong on one stream | round trip/s |",
+        "| GetUsersByIds, 4 streams of 2000 ids | message/s |",
+        "| AddUser, 64 callers | request/s |",
+        "| resident, idle after start |",
+        "| start to SERVING, 2000 users, slowest of 3 |",
+        "Every response was checked: no failures.",
+        " cores** (",
+    ] {
+        assert!(report.contains(row), "no {row:?} in the report:\n{report}");
+    }
+    // The temporary databases are gone with the run.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name != "BENCHMARKS.md")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
