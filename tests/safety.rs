@@ -1,11 +1,13 @@
 //! Data safety, against the real binary: kill -9 under write load, a full
-//! disk, writers racing for one id, and stalled readers next to a busy
-//! writer. Each test names the protection it checks and fails without it.
+//! disk, a database file that becomes unreadable, is replaced or vanishes,
+//! writers racing for one id, and stalled readers next to a busy writer. Each
+//! test names the protection it checks and fails without it.
 
 mod common;
 
 use std::{
     io::{BufRead, BufReader, Write},
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -82,6 +84,19 @@ fn stored_rows(wrapper: &[&str], db: &Path) -> Vec<User> {
         .collect()
 }
 
+/// Waits until `service`'s health is `want`.
+async fn wait_health(url: &str, service: &str, want: ServingStatus) {
+    let what = format!("health {service:?} {want:?}");
+    common::eventually(Duration::from_secs(30), &what, || async {
+        health_status(url, service).await == Some(want)
+    })
+    .await;
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").unwrap().uid() == 0
+}
+
 async fn collect(call: Result<Response<Streaming<UserResponse>>, Status>) -> Vec<User> {
     call.unwrap()
         .into_inner()
@@ -133,6 +148,45 @@ async fn assert_serves(client: &mut Client, stored: &[User], absent: &[u32]) {
             "GetUsersByType({user_type}) differs from what was stored"
         );
     }
+}
+
+/// The status of a streaming call: the call's own, or its first message's.
+async fn stream_code<T>(call: Result<Response<Streaming<T>>, Status>) -> Option<Code> {
+    match call {
+        Err(status) => Some(status.code()),
+        Ok(response) => response
+            .into_inner()
+            .message()
+            .await
+            .err()
+            .map(|s| s.code()),
+    }
+}
+
+/// Every RPC, unary and streaming, is refused with UNAVAILABLE.
+async fn assert_every_rpc_unavailable(client: &mut Client) {
+    let ids = || stream::iter([UserRequest { id: 1 }, UserRequest { id: 2 }]);
+    let codes = [
+        client
+            .get_user(UserRequest { id: 1 })
+            .await
+            .err()
+            .map(|s| s.code()),
+        client.add_user(sent(1)).await.err().map(|s| s.code()),
+        stream_code(
+            client
+                .get_users_by_type(UserTypeRequest { user_type: GUEST })
+                .await,
+        )
+        .await,
+        client
+            .count_already_users(ids())
+            .await
+            .err()
+            .map(|s| s.code()),
+        stream_code(client.get_users_by_ids(ids()).await).await,
+    ];
+    assert_eq!(codes, [Some(Code::Unavailable); 5]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,6 +383,146 @@ async fn a_full_disk_refuses_adds_keeps_reads_and_recovers_without_damage() {
     let server = ServerProcess::start_via(&enter, fs.dir.path(), &[]).await;
     assert_serves(&mut server.client().await, &stored, &[]).await;
     assert_integrity_ok(&enter, &db);
+}
+
+/// Breaks the database file under a running server (`wrapper` runs it), then
+/// checks: readiness goes NOT_SERVING while liveness stays SERVING, every RPC
+/// is refused with UNAVAILABLE, the process lives on. Then repairs it and
+/// checks that the server serves again, and that what it acknowledges after
+/// the repair is in the file on disk (it survives a kill -9).
+async fn outage_and_recovery(wrapper: &[&str], break_file: fn(&Path), repair: fn(&Path)) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::db_path(dir.path());
+    let env = [("USER_MANAGER__HEALTH__CHECK_INTERVAL_MS", "100")];
+    let mut server = ServerProcess::start_via(wrapper, dir.path(), &env).await;
+    let url = server.url();
+    let mut client = server.client().await;
+    let mut stored = vec![sent(FIRST_ID)];
+    assert!(
+        !client
+            .add_user(sent(FIRST_ID))
+            .await
+            .unwrap()
+            .get_ref()
+            .error
+    );
+
+    break_file(dir.path());
+    wait_health(&url, "", ServingStatus::NotServing).await;
+    let expected = [
+        ("UserManager", ServingStatus::NotServing),
+        ("readiness", ServingStatus::NotServing),
+        ("liveness", ServingStatus::Serving),
+    ];
+    for (name, status) in expected {
+        assert_eq!(health_status(&url, name).await, Some(status), "{name}");
+    }
+    assert_every_rpc_unavailable(&mut client).await;
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "the server died"
+    );
+
+    repair(dir.path());
+    wait_health(&url, "", ServingStatus::Serving).await;
+    let added = sent(FIRST_ID + 1);
+    let r = client.add_user(added.clone()).await.unwrap().into_inner();
+    assert_eq!(r.user.as_ref(), Some(&added), "{r:?}");
+    stored.push(added);
+    assert_serves(&mut client, &stored, &[FIRST_ID + 2]).await;
+
+    server.kill_9();
+    let server = ServerProcess::start(dir.path(), &[]).await;
+    assert_serves(&mut server.client().await, &stored, &[FIRST_ID + 2]).await;
+    assert_integrity_ok(&[], &db);
+}
+
+#[tokio::test]
+async fn an_unreadable_database_file_is_unavailable_until_readable_again() {
+    // Root reads any file whatever its mode: run the server as a root
+    // without capabilities, which file modes do stop.
+    let wrapper: &[&str] = if is_root() {
+        &["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
+    } else {
+        &[]
+    };
+    outage_and_recovery(wrapper, |dir| chmod(dir, 0o000), |dir| chmod(dir, 0o644)).await;
+}
+
+fn chmod(dir: &Path, mode: u32) {
+    let permissions = std::fs::Permissions::from_mode(mode);
+    std::fs::set_permissions(common::db_path(dir), permissions).unwrap();
+}
+
+#[tokio::test]
+async fn garbage_in_place_of_the_database_is_unavailable_until_it_is_back() {
+    outage_and_recovery(
+        &[],
+        |dir| {
+            let db = common::db_path(dir);
+            std::fs::rename(&db, dir.join("aside.db")).unwrap();
+            std::fs::write(&db, vec![0xa5; 64 * 1024]).unwrap();
+        },
+        |dir| std::fs::rename(dir.join("aside.db"), common::db_path(dir)).unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_database_is_unavailable_and_a_restored_backup_is_written_to() {
+    outage_and_recovery(
+        &[],
+        |dir| {
+            let db = common::db_path(dir);
+            let backup = dir.join("backup.db");
+            sqlite_rows(&[], &db, &format!("VACUUM INTO '{}'", backup.display()));
+            for suffix in ["", "-wal", "-shm"] {
+                std::fs::remove_file(format!("{}{suffix}", db.display())).unwrap();
+            }
+        },
+        // A new file at the path: connections to the deleted one must go.
+        |dir| {
+            std::fs::copy(dir.join("backup.db"), common::db_path(dir)).unwrap();
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_readiness_notices_a_deleted_file_no_add_is_acknowledged_nor_file_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::db_path(dir.path());
+    // Readiness checks at start and then not for an hour: every call below
+    // comes before it could notice.
+    let env = [("USER_MANAGER__HEALTH__CHECK_INTERVAL_MS", "3600000")];
+    let server = ServerProcess::start(dir.path(), &env).await;
+    let client = server.client().await;
+    for suffix in ["", "-wal", "-shm"] {
+        std::fs::remove_file(format!("{}{suffix}", db.display())).unwrap();
+    }
+
+    // Concurrent reads need new read connections: they may answer from the
+    // open ones or be refused, but none may create a database at the path.
+    let reads = (0..16).map(|_| {
+        let mut client = client.clone();
+        let ids = (0..3000).map(|i| UserRequest { id: 1 + i % 6 });
+        async move {
+            match client.get_users_by_ids(stream::iter(ids)).await {
+                Ok(answers) => answers.into_inner().map(|r| r.err()).collect().await,
+                Err(status) => vec![Some(status)],
+            }
+        }
+    });
+    for errors in futures::future::join_all(reads).await {
+        for status in errors.into_iter().flatten() {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+    }
+    assert!(!db.exists(), "a read made a new database file");
+
+    let status = client.clone().add_user(sent(FIRST_ID)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!db.exists(), "the add made a new database file");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,9 +4,10 @@
 //! one WAL sync for all inserts that arrived while the previous commit ran
 //! (group commit).
 
+mod file;
 mod readers;
 
-use std::{path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
     Connection, SqliteConnection,
@@ -15,7 +16,10 @@ use sqlx::{
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::field::Empty;
 
-use self::readers::Readers;
+use self::{
+    file::{AtPath, DbFile, FileId},
+    readers::Readers,
+};
 use super::{AddOutcome, SeedOutcome, StoreError, UserStore};
 use crate::{
     config::{DatabaseSettings, Synchronous},
@@ -59,7 +63,7 @@ pub struct SqliteStore {
     writer: Writer,
     inserts: mpsc::Sender<InsertRequest>,
     /// The database file, for readiness checks; `None` for in-memory databases.
-    file: Option<PathBuf>,
+    file: Option<Arc<DbFile>>,
     options: SqliteConnectOptions,
 }
 
@@ -91,17 +95,20 @@ impl SqliteStore {
         let writer = SqliteConnection::connect_with(&options)
             .await
             .map_err(|e| classify(e, "opening the database"))?;
+        // Reads never create the file: one that vanished stays missing.
         let reads = Readers::open(
-            options.clone(),
+            options.clone().create_if_missing(false),
             settings.max_connections,
             Duration::from_millis(settings.busy_timeout_ms),
         )
         .await
         .map_err(|e| classify(e, "opening the read connections"))?;
 
+        let file = file.map(DbFile::new).transpose()?.map(Arc::new);
+
         let writer: Writer = Arc::new(Mutex::new(Some(writer)));
         let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
-        tokio::spawn(run_writer(writer.clone(), queue));
+        tokio::spawn(run_writer(writer.clone(), queue, file.clone()));
         Ok(Self {
             reads: Arc::new(reads),
             writer,
@@ -109,6 +116,39 @@ impl SqliteStore {
             file,
             options,
         })
+    }
+
+    /// Moves every connection to the file now at the path (a restored
+    /// backup, say), unless the WAL there is the replaced file's.
+    async fn reopen(&self, file: &DbFile, now: FileId) -> Result<(), StoreError> {
+        if file.stale_wal() {
+            return Err(StoreError::Unavailable(format!(
+                "{0} was replaced but {0}-wal is the old file's; put the old file back, \
+                 or delete {0}-wal and {0}-shm to use the new one",
+                file.path().display()
+            )));
+        }
+        let fresh = SqliteConnection::connect_with(&self.options.clone().create_if_missing(false))
+            .await
+            .map_err(|e| classify(e, "reopening the database"))?;
+        let old = {
+            let mut writer = self.writer.lock().await;
+            if writer.is_none() {
+                return Err(closed());
+            }
+            writer.replace(fresh)
+        };
+        // SQLite neither checkpoints into nor deletes the WAL of a file that
+        // is no longer at its path when closing it.
+        if let Some(old) = old
+            && let Err(e) = old.close().await
+        {
+            tracing::warn!(error = %e, "closing the replaced database");
+        }
+        self.reads.reopen();
+        file.reopened(now);
+        tracing::warn!(path = %file.path().display(), "the database file was replaced: reopened");
+        Ok(())
     }
 
     async fn reader(&self, context: &str) -> Result<readers::Reader<'_>, StoreError> {
@@ -229,26 +269,35 @@ impl UserStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        // Open connections keep reading a file that was deleted or replaced,
-        // so readiness opens a fresh one at the configured path, never creating it.
         let ctx = "checking the database";
-        let mut conn =
-            SqliteConnection::connect_with(&self.options.clone().create_if_missing(false))
-                .await
-                .map_err(|e| classify(e, ctx))?;
+        if let Some(file) = &self.file {
+            if let AtPath::Replaced { now } = file.at_path() {
+                self.reopen(file, now).await?;
+            }
+            file.ensure_same()?;
+            file.check_access()?;
+        }
+        // A fresh connection, to learn whether the file at the path can still
+        // be opened and read. Read-only: closing it never checkpoints into, nor
+        // deletes the WAL of, whatever file it found there.
+        let options = self
+            .options
+            .clone()
+            .create_if_missing(false)
+            .read_only(true);
+        let mut conn = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(|e| classify(e, ctx))?;
         let result = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM seed_state")
             .fetch_one(&mut conn)
             .await
             .map(drop)
             .map_err(|e| classify(e, ctx));
         let _ = conn.close().await;
-        if let Some(file) = &self.file
-            && !file.exists()
-        {
-            return Err(StoreError::Unavailable(format!(
-                "{} is gone",
-                file.display()
-            )));
+        if let Some(file) = &self.file {
+            // What was read is what the connections have open.
+            file.ensure_same()?;
+            file.note_wal();
         }
         result
     }
@@ -264,7 +313,11 @@ impl UserStore for SqliteStore {
     }
 }
 
-async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<InsertRequest>) {
+async fn run_writer(
+    writer: Writer,
+    mut queue: mpsc::Receiver<InsertRequest>,
+    file: Option<Arc<DbFile>>,
+) {
     let mut batch = Vec::with_capacity(MAX_GROUP_COMMIT);
     while queue.recv_many(&mut batch, MAX_GROUP_COMMIT).await > 0 {
         // A caller that went away was never acknowledged: don't write for it.
@@ -273,7 +326,7 @@ async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<InsertRequest>) {
             continue;
         }
         let result = match writer.lock().await.as_mut() {
-            Some(conn) => insert_batch(conn, &batch).await,
+            Some(conn) => insert_batch(conn, &batch, file.as_deref()).await,
             None => Err(closed()),
         };
         match result {
@@ -300,6 +353,7 @@ async fn run_writer(writer: Writer, mut queue: mpsc::Receiver<InsertRequest>) {
 async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: &[InsertRequest],
+    file: Option<&DbFile>,
 ) -> Result<Vec<AddOutcome>, StoreError> {
     let ctx = "adding users";
     sqlx::query("BEGIN IMMEDIATE")
@@ -316,19 +370,27 @@ async fn insert_batch(
                 AddOutcome::AlreadyExists
             }),
             Err(e) => {
-                result = Err(e);
+                result = Err(classify(e, ctx));
                 break;
             }
         }
     }
     if result.is_ok() {
-        result = sqlx::query("COMMIT").execute(&mut *conn).await.map(drop);
+        // Never acknowledge adds into a file deleted or replaced under us.
+        result = file.map_or(Ok(()), DbFile::ensure_same);
+    }
+    if result.is_ok() {
+        result = sqlx::query("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, ctx));
     }
     if let Err(e) = result {
         // SQLite ends the transaction itself on some failures (FULL, IOERR)
         // and not on others (BUSY): after this ROLLBACK none is open.
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(classify(e, ctx));
+        return Err(e);
     }
     Ok(outcomes)
 }

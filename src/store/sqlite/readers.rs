@@ -7,7 +7,10 @@
 
 use std::{
     ops::{Deref, DerefMut},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -22,12 +25,15 @@ pub(super) struct Readers {
     max: u32,
     /// How long a read waits for a connection before the store is "unavailable".
     wait: Duration,
+    /// Bumped by `reopen`: connections of an older generation are not reused.
+    generation: AtomicU64,
 }
 
 /// A connection lent to one read; it goes back to the idle list when dropped.
 pub(super) struct Reader<'a> {
     conn: Option<SqliteConnection>,
     readers: &'a Readers,
+    generation: u64,
     _permit: SemaphorePermit<'a>,
 }
 
@@ -46,6 +52,7 @@ impl Readers {
             permits: Semaphore::new(max as usize),
             max,
             wait,
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -54,6 +61,7 @@ impl Readers {
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(|_| sqlx::Error::PoolClosed)?;
+        let generation = self.generation.load(Ordering::Acquire);
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match idle {
             Some(conn) => conn,
@@ -62,8 +70,17 @@ impl Readers {
         Ok(Reader {
             conn: Some(conn),
             readers: self,
+            generation,
             _permit: permit,
         })
+    }
+
+    /// Closes the idle connections, and the ones lent out when they come
+    /// back: later reads connect to the file now at the path.
+    pub(super) fn reopen(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        idle.clear();
     }
 
     /// Waits for the reads in flight, then closes every connection.
@@ -98,11 +115,11 @@ impl DerefMut for Reader<'_> {
 impl Drop for Reader<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.readers
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(conn);
+            let mut idle = self.readers.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // One from before `reopen` may hold a replaced file: it closes.
+            if self.generation == self.readers.generation.load(Ordering::Acquire) {
+                idle.push(conn);
+            }
         }
     }
 }
