@@ -32,7 +32,7 @@ use tonic::{
     codegen::Bytes,
     transport::{
         Server,
-        server::{Connected, TcpConnectInfo},
+        server::{Connected, TcpConnectInfo, TlsConnectInfo},
     },
 };
 use tower::{Layer, Service};
@@ -308,11 +308,15 @@ fn shed<E: Send + 'static>(message: String) -> BoxFuture<'static, Result<http::R
     )))
 }
 
-/// Identifies a connection by its two ends.
+/// Identifies a connection by its two ends, whether TLS or not.
 type ConnectionKey = (Option<SocketAddr>, Option<SocketAddr>);
 
 fn connection_key(extensions: &http::Extensions) -> Option<ConnectionKey> {
-    let tcp = extensions.get::<TcpConnectInfo>()?;
+    let tcp = extensions.get::<TcpConnectInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    })?;
     Some((tcp.local_addr, tcp.remote_addr))
 }
 
@@ -636,10 +640,7 @@ mod tests {
     use super::*;
 
     fn frame(length: u32) -> Vec<u8> {
-        let mut bytes = vec![0];
-        bytes.extend(length.to_be_bytes());
-        bytes.extend(std::iter::repeat_n(1, length as usize));
-        bytes
+        [&[0][..], &length.to_be_bytes(), &vec![1; length as usize]].concat()
     }
 
     fn checker(limit: usize) -> SizeChecked {
