@@ -294,7 +294,7 @@ pub fn write_into(path: &Path, results: &str) -> anyhow::Result<()> {
             format!("{}{block}{}", &existing[..b], &existing[e + END.len()..])
         }
         _ if existing.is_empty() => format!("# Benchmarks\n\n{block}\n"),
-        _ => format!("{}\n{block}\n", existing.trim_end()),
+        _ => format!("{}\n\n{block}\n", existing.trim_end()),
     };
     std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
 }
