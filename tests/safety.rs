@@ -714,3 +714,27 @@ async fn stalled_and_slow_readers_never_hold_back_wal_checkpoints() {
     slow_seen.extend(collect(Ok(Response::new(slow))).await);
     assert!(slow_seen == want, "the slow stream lost its way");
 }
+
+/// scripts/soak, shortened to a smoke run against the test binary: mixed load,
+/// one SIGTERM and one kill -9 restart, and every check of the full soak.
+#[test]
+fn a_short_soak_passes() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/soak");
+    let out = Command::new(script)
+        .args(["--seconds", "20", "--restart-every", "7", "--clients", "3"])
+        .args(["--binary", common::BINARY])
+        .stdin(Stdio::null())
+        .output()
+        .expect("scripts/soak runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("restarts: {'SIGTERM': 1, 'SIGKILL': 1}"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("PASS"), "{stdout}");
+}
