@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BINARY, ServerProcess, health_status, spawn_app_in, user};
+use common::{BINARY, ServerProcess, eventually, health_status, spawn_app_in, user};
 use futures::{StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,20 +20,6 @@ use tonic_health::pb::{
 use user_manager::proto::{UserRequest, UserTypeRequest};
 
 const GUEST: i32 = 3;
-
-/// Polls `check` until it holds; panics after `within` (generous: this waits
-/// for a state, it does not time anything).
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn sigterm(pid: u32) {
     let status = Command::new("kill")
