@@ -172,9 +172,11 @@ impl Application {
         // drain, and certificates keep reloading.
         let mut background = AbortOnDrop(Vec::new());
         if let Some(listener) = self.health_listener {
-            let health_only = Server::builder()
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let health_only = limits::apply(Server::builder(), limits)
+                .layer(limits::LimitsLayer::new(limits))
                 .add_service(self.health_server)
-                .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
+                .serve_with_incoming(limits::with_max_age(incoming, limits));
             background.0.push(
                 tokio::spawn(async move {
                     if let Err(e) = health_only.await {

@@ -476,11 +476,26 @@ async fn open_streams_are_bounded_across_connections() {
 
 #[tokio::test]
 async fn the_server_announces_and_enforces_max_concurrent_streams() {
+    let health_port: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
     let app = app(|s| {
         s.limits.max_concurrent_streams = 3;
         s.limits.max_calls_per_connection = 3;
+        s.server.health_listen = Some(health_port);
     })
     .await;
+    // The health-only listener has the same limits.
+    let mut health = RawH2::connect(health_port).await;
+    let settings = health.next().await.unwrap();
+    assert!(
+        settings
+            .settings()
+            .contains(&(frame::SETTINGS_MAX_CONCURRENT_STREAMS, 3)),
+        "health port: {:?}",
+        settings.settings()
+    );
+
     let mut h2 = RawH2::connect(app.addr).await;
     let settings = h2.next().await.unwrap();
     assert_eq!(settings.kind, frame::SETTINGS);
