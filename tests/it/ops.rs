@@ -1,7 +1,7 @@
 //! Operability: truthful health, bounded graceful shutdown, deadlines, and
 //! the operator subcommands, against the real server and binary.
 
-mod common;
+use crate::common;
 
 use std::{
     io::{BufRead, BufReader},
@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BINARY, ServerProcess, eventually, health_status, spawn_app_in, user};
+use crate::common::{BINARY, ServerProcess, eventually, health_status, spawn_app_in, user};
 use futures::{StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -3,7 +3,7 @@
 //! writers racing for one id, and stalled readers next to a busy writer. Each
 //! test names the protection it checks and fails without it.
 
-mod common;
+use crate::common;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{ServerProcess, health_status, user};
+use crate::common::{ServerProcess, health_status, user};
 use futures::{StreamExt, stream};
 use tonic::{Code, Response, Status, Streaming, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;

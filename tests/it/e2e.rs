@@ -4,7 +4,7 @@
 //! the original service's users' client. `scripts/test` installs them into
 //! target/test-venv and puts its bin directory on PATH.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,7 +12,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use common::{ServerProcess, spawn_app};
+use crate::common::{ServerProcess, spawn_app};
 use serde_json::{Value, json};
 
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");

@@ -2,7 +2,7 @@
 //! this test runs. Batches are held back for an hour (OTEL_BSP_SCHEDULE_DELAY),
 //! so whatever the collector holds after SIGTERM was flushed on shutdown.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,
@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{ServerProcess, user};
+use crate::common::{ServerProcess, user};
 use futures::{StreamExt, stream};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{

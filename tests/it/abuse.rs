@@ -3,7 +3,7 @@
 //! go over raw HTTP/2 (the h2 crate, or hand-written frames where even h2
 //! would refuse to misbehave), so no client library fixes them on the way.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,
@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{ServerProcess, grpc_frame, raw_grpc_call, spawn_app_in, user};
+use crate::common::{ServerProcess, grpc_frame, raw_grpc_call, spawn_app_in, user};
 use futures::{StreamExt, stream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -5,7 +5,7 @@
 //! and `user-manager config`, the `healthcheck` TLS flags, the TLS deployment
 //! variants, and the supply-chain policy. Certificates are made per test.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BINARY, SEED, eventually, free_port, grpc_frame, health_status, raw_grpc_call, user};
+use crate::common::{BINARY, SEED, eventually, free_port, grpc_frame, health_status, raw_grpc_call, user};
 use futures::stream;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,

@@ -12,7 +12,7 @@
 //! configured port is the one the probes use), and an OTLP endpoint outside
 //! the pod points at a loopback stand-in.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BINARY, ServerProcess, free_port, health_status};
+use crate::common::{BINARY, ServerProcess, free_port, health_status};
 use serde::Deserialize;
 use serde_norway::Value;
 use tempfile::TempDir;

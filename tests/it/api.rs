@@ -1,10 +1,10 @@
 //! The five RPCs' behaviour, through a tonic client against the real server.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{ServerProcess, spawn_app, spawn_app_in, user};
+use crate::common::{ServerProcess, spawn_app, spawn_app_in, user};
 use futures::{StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
