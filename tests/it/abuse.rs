@@ -7,12 +7,13 @@ use crate::common;
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+use crate::common::{
+    Binary, ServerProcess, grpc_frame, raw_grpc::RawStream, raw_grpc_call, spawn_app_in, user,
+};
 use bytes::Bytes;
-use crate::common::{ServerProcess, grpc_frame, raw_grpc_call, spawn_app_in, user};
 use futures::{StreamExt, stream};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -92,33 +93,10 @@ fn percent_decoded(raw: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
-/// A seed file with the usual users and `guests` more GUESTs (ids from
-/// 100): enough to fill any flow-control window.
-fn big_seed(dir: &Path, guests: u32) -> PathBuf {
-    let mut users = serde_json::Map::new();
-    let seed: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::SEED).unwrap()).unwrap();
-    users.extend(seed.as_object().unwrap().clone());
-    for id in 100..100 + guests {
-        users.insert(
-            id.to_string(),
-            serde_json::json!({
-                "id": id,
-                "nickname": format!("guest{id}"),
-                "mail_address": format!("guest{id}@example.com"),
-                "user_type": "GUEST",
-            }),
-        );
-    }
-    let path = dir.join("big-seed.json");
-    std::fs::write(&path, serde_json::Value::Object(users).to_string()).unwrap();
-    path
-}
-
 /// A memory figure of the server process from /proc/PID/status, in KiB:
 /// "VmRSS" (resident now) or "VmHWM" (the peak of resident so far).
 fn memory_kib(server: &ServerProcess, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
     status
         .lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
@@ -134,15 +112,7 @@ fn user_with_raw_nickname(nickname: &[u8]) -> Bytes {
     payload.push(u8::try_from(nickname.len()).unwrap());
     payload.extend_from_slice(nickname);
     payload.extend_from_slice(b"\x1a\x0fraw@example.com\x20\x03"); // mail, GUEST
-    frame_bytes(0, &payload)
-}
-
-/// A gRPC message frame with the given compressed flag, around `payload`.
-fn frame_bytes(flag: u8, payload: &[u8]) -> Bytes {
-    let mut frame = vec![flag];
-    frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame.into()
+    grpc_frame::encode(0, &payload)
 }
 
 // ---------------------------------------------------------------------------
@@ -380,7 +350,7 @@ async fn messages_over_the_size_limit_are_resource_exhausted_before_buffering() 
     for id in 1..=3 {
         body.extend_from_slice(&grpc_frame(&UserRequest { id }));
     }
-    body.extend_from_slice(&frame_bytes(0, &[0; 3000]));
+    body.extend_from_slice(&grpc_frame::encode(0, &[0; 3000]));
     let path = "/UserManager/CountAlreadyUsers";
     status_of(app.addr, path, body.into(), false, Code::ResourceExhausted).await;
     still_serving(app.addr).await;
@@ -476,15 +446,15 @@ async fn open_streams_are_bounded_across_connections() {
 
 #[tokio::test]
 async fn the_server_announces_and_enforces_max_concurrent_streams() {
-    let health_port: SocketAddr = format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .unwrap();
-    let app = app(|s| {
-        s.limits.max_concurrent_streams = 3;
-        s.limits.max_calls_per_connection = 3;
-        s.server.health_listen = Some(health_port);
-    })
-    .await;
+    // The binary, which reports the health-only listener's address.
+    let dir = tempfile::tempdir().unwrap();
+    let app = Binary::new(dir.path())
+        .env("USER_MANAGER__LIMITS__MAX_CONCURRENT_STREAMS", 3)
+        .env("USER_MANAGER__LIMITS__MAX_CALLS_PER_CONNECTION", 3)
+        .health_listener()
+        .start()
+        .await;
+    let health_port = app.health.unwrap();
     // The health-only listener has the same limits.
     let mut health = RawH2::connect(health_port).await;
     let settings = health.next().await.unwrap();
@@ -526,43 +496,23 @@ async fn the_server_announces_and_enforces_max_concurrent_streams() {
 /// read one flow-control window (the h2 default, 65 535 bytes) and released
 /// none of it: the server can send nothing more.
 struct Stalled {
-    connection: h2::client::SendRequest<Bytes>,
-    body: h2::RecvStream,
+    call: RawStream,
     received: Vec<u8>,
 }
 
 async fn stalled_guest_stream(addr: SocketAddr) -> Stalled {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(driver);
-    let request = http::Request::post(format!("http://{addr}/UserManager/GetUsersByType"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut send) = connection.send_request(request, false).unwrap();
-    send.send_data(grpc_frame(&UserTypeRequest { user_type: GUEST }), true)
-        .unwrap();
-    let mut body = response.await.unwrap().into_body();
+    let request = grpc_frame(&UserTypeRequest { user_type: GUEST });
+    let mut call = RawStream::open(addr, "/UserManager/GetUsersByType", request).await;
     let mut received = Vec::new();
-    while received.len() < 65_535 {
-        match body.data().await {
-            Some(data) => received.extend_from_slice(&data.unwrap()),
-            None => panic!("the stream ended early: {:?}", body.trailers().await),
-        }
-    }
-    Stalled {
-        connection,
-        body,
-        received,
-    }
+    call.read_unreleased(&mut received, 65_535).await;
+    Stalled { call, received }
 }
 
 /// A server with 20 000 GUESTs that allows one open stream at a time, with
 /// the given stream stall timeout.
 async fn one_stream_at_a_time(stall_timeout_ms: u64) -> common::TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let seed = big_seed(dir.path(), 20_000);
+    let seed = common::big_seed(dir.path(), 20_000);
     spawn_app_in(dir, |s| {
         s.seed.path = seed;
         s.limits.max_open_streams = 1;
@@ -576,8 +526,7 @@ async fn a_stream_whose_client_stops_reading_ends_at_the_stall_timeout() {
     let app = one_stream_at_a_time(500).await;
 
     let Stalled {
-        connection: _connection,
-        mut body,
+        mut call,
         mut received,
     } = stalled_guest_stream(app.addr).await;
 
@@ -608,42 +557,26 @@ async fn a_stream_whose_client_stops_reading_ends_at_the_stall_timeout() {
 
     // ...and when the client reads again, what was sent is followed by the
     // status that ended the call, far short of the 20 000 guests.
-    let _ = body.flow_control().release_capacity(received.len());
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.unwrap();
-        let _ = body.flow_control().release_capacity(chunk.len());
-        received.extend_from_slice(&chunk);
-    }
-    let trailers = body.trailers().await.unwrap().expect("trailers");
+    let read = received.len();
+    let trailers = call
+        .read_to_end(read, &mut received, || async {})
+        .await
+        .expect("trailers");
     assert_eq!(
         trailers.get("grpc-status").unwrap(),
         &(Code::ResourceExhausted as i32).to_string()
     );
     let message = percent_decoded(trailers.get("grpc-message").unwrap().to_str().unwrap());
     assert!(message.contains("read nothing"), "{message}");
-    let messages = count_messages(&received);
+    let messages = grpc_frame::decode(&received).len();
     assert!(messages < 20_000, "{messages} messages");
-}
-
-/// Complete gRPC messages in a response body.
-fn count_messages(mut body: &[u8]) -> usize {
-    let mut n = 0;
-    while body.len() >= 5 {
-        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
-        if body.len() < 5 + len {
-            break;
-        }
-        body = &body[5 + len..];
-        n += 1;
-    }
-    n
 }
 
 #[tokio::test]
 async fn clients_that_never_read_cost_bounded_memory() {
     const STREAMS: usize = 50;
     let dir = tempfile::tempdir().unwrap();
-    let seed = big_seed(dir.path(), 20_000);
+    let seed = common::big_seed(dir.path(), 20_000);
     let server = ServerProcess::start(
         dir.path(),
         &[
@@ -862,10 +795,10 @@ async fn empty_and_garbage_bodies_get_clear_statuses() {
 
     // An empty message is a valid request with every field unset: id 0,
     // which names no user.
-    get_user(frame_bytes(0, &[]), Code::Ok).await;
+    get_user(grpc_frame::encode(0, &[]), Code::Ok).await;
 
     // A well-framed message whose bytes aren't a UserRequest: the caller's fault.
-    get_user(frame_bytes(0, &[0xff; 12]), Code::InvalidArgument).await;
+    get_user(grpc_frame::encode(0, &[0xff; 12]), Code::InvalidArgument).await;
 
     // Bytes that aren't gRPC framing at all: a protocol error (the first byte
     // is no valid compressed flag).
@@ -895,7 +828,7 @@ async fn the_compressed_flag_without_an_encoding_is_internal() {
     let app = app(|_| {}).await;
     let payload = prost::Message::encode_to_vec(&UserRequest { id: 1 });
     // INTERNAL, as the gRPC compression spec requires.
-    let flagged = frame_bytes(1, &payload);
+    let flagged = grpc_frame::encode(1, &payload);
     let message = status_of(
         app.addr,
         "/UserManager/GetUser",

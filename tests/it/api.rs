@@ -340,7 +340,7 @@ async fn users_and_seed_survive_a_restart_without_duplication() {
 #[tokio::test]
 async fn acknowledged_adds_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]).await;
+    let mut server = ServerProcess::start(dir.path(), &[]).await;
     let mut client = server.client().await;
     for id in 300..340 {
         let r = client
@@ -350,7 +350,7 @@ async fn acknowledged_adds_survive_kill_9() {
         assert!(!r.into_inner().error);
     }
     // Killed right after the last acknowledgement: no shutdown code runs.
-    server.kill_9();
+    server.kill_9().await;
 
     let server = ServerProcess::start(dir.path(), &[]).await;
     let mut client = server.client().await;

@@ -12,17 +12,21 @@
 //! configured port is the one the probes use), and an OTLP endpoint outside
 //! the pod points at a loopback stand-in.
 
-use crate::common;
-
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, TcpListener},
+    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::common::{BINARY, ServerProcess, free_port, health_status};
+use crate::{
+    common::{
+        BINARY, ServerProcess, health_status,
+        tools::{REPO, run_tool, success},
+    },
+    k8s::{Container, Manifests, VolumeMount, kustomize},
+};
 use serde::Deserialize;
 use serde_norway::Value;
 use tempfile::TempDir;
@@ -32,7 +36,6 @@ use user_manager::{
     proto::UserRequest,
 };
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const KUSTOMIZATIONS: [&str; 3] = [
     "deploy/k8s/base",
@@ -48,47 +51,6 @@ const EXIT_MARGIN_MS: u64 = 2_000;
 /// The namespace the downward API reports after `kubectl apply` without `-n`.
 const POD_NAMESPACE: &str = "default";
 
-// ---------------------------------------------------------------- tools
-
-/// Runs a tool from the repository root. A missing tool fails the test and
-/// says where it comes from.
-fn run_tool(program: &str, args: &[&str], comes_from: &str) -> Output {
-    match Command::new(program)
-        .args(args)
-        .current_dir(REPO)
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            panic!("{program} is not installed: {comes_from}")
-        }
-        Err(e) => panic!("running {program}: {e}"),
-    }
-}
-
-fn expect_success(what: &str, output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("tool output is UTF-8")
-}
-
-fn kustomize(dir: &str) -> String {
-    expect_success(
-        &format!("kubectl kustomize {dir}"),
-        run_tool(
-            "kubectl",
-            &["kustomize", dir],
-            "kubectl (with its built-in kustomize) comes with these machines",
-        ),
-    )
-}
-
 #[test]
 fn every_kustomization_renders_and_passes_strict_schema_validation() {
     for dir in KUSTOMIZATIONS {
@@ -96,7 +58,7 @@ fn every_kustomization_renders_and_passes_strict_schema_validation() {
         std::fs::write(rendered.path(), kustomize(dir)).unwrap();
         let path = rendered.path().to_str().unwrap();
         for version in KUBERNETES_VERSIONS {
-            expect_success(
+            success(
                 &format!("kubernetes-validate --strict of {dir} for Kubernetes {version}"),
                 run_tool(
                     "kubernetes-validate",
@@ -110,7 +72,7 @@ fn every_kustomization_renders_and_passes_strict_schema_validation() {
 
 #[test]
 fn the_compose_file_passes_docker_compose_config() {
-    expect_success(
+    success(
         "docker-compose config",
         run_tool(
             "docker-compose",
@@ -122,7 +84,7 @@ fn the_compose_file_passes_docker_compose_config() {
 
 #[test]
 fn the_dockerfile_passes_hadolint() {
-    expect_success(
+    success(
         "hadolint deploy/Dockerfile",
         run_tool(
             "hadolint",
@@ -281,7 +243,7 @@ fn the_dockerfile_copies_what_the_build_needs_and_runs_the_binary_as_non_root() 
         .flat_map(|(_, rest)| copy_parts(rest).1)
         .collect();
     // cargo loads the whole workspace, so every member's manifest must be there.
-    let metadata = expect_success(
+    let metadata = success(
         "cargo metadata",
         run_tool(
             option_env!("CARGO").unwrap_or("cargo"),
@@ -499,11 +461,14 @@ impl Launch {
         assert!(status.success(), "{args:?} exited with {status}");
     }
 
-    /// Starts the server on `addr`: the container port mapped to the host.
-    fn serve(&mut self, rootfs: &Rootfs, addr: SocketAddr) -> ServerProcess {
-        self.set_env("USER_MANAGER__SERVER__LISTEN", addr.to_string());
-        let child = self.command(rootfs, &self.argv).spawn().unwrap();
-        ServerProcess { child, addr }
+    /// Starts the server on a loopback port of its choosing: the container
+    /// port mapped to the host. The address it bound is then the one the
+    /// launch's `healthcheck` asks, as the container's own port would be.
+    async fn serve(&mut self, rootfs: &Rootfs) -> ServerProcess {
+        self.set_env("USER_MANAGER__SERVER__LISTEN", "127.0.0.1:0".into());
+        let server = ServerProcess::spawn(self.command(rootfs, &self.argv)).await;
+        self.set_env("USER_MANAGER__SERVER__LISTEN", server.addr.to_string());
+        server
     }
 
     /// Points OTLP export at `standin` (nothing outside this machine is
@@ -539,9 +504,10 @@ fn assert_database_on(settings: &Settings, rootfs: &Rootfs, volume: &str) {
 async fn probe_until_serving(server: &mut ServerProcess, service: &str, budget: Duration) {
     let deadline = Instant::now() + budget;
     while health_status(&server.url(), service).await != Some(ServingStatus::Serving) {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            panic!("user-manager exited with {status} before {service:?} was SERVING");
-        }
+        assert!(
+            server.is_running(),
+            "user-manager exited before {service:?} was SERVING"
+        );
         assert!(
             Instant::now() < deadline,
             "health {service:?} not SERVING within the probe's {budget:?}"
@@ -563,233 +529,6 @@ async fn assert_serves_seeded_users(server: &ServerProcess) {
 }
 
 // ---------------------------------------------------------------- Kubernetes
-
-#[derive(Deserialize)]
-struct Metadata {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct StatefulSet {
-    metadata: Metadata,
-    spec: StatefulSetSpec,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct StatefulSetSpec {
-    replicas: u32,
-    selector: LabelSelector,
-    template: PodTemplate,
-    volume_claim_templates: Vec<ClaimTemplate>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct LabelSelector {
-    match_labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct ClaimTemplate {
-    metadata: Metadata,
-}
-
-#[derive(Deserialize)]
-struct PodTemplate {
-    metadata: Metadata,
-    spec: PodSpec,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PodSpec {
-    termination_grace_period_seconds: u64,
-    enable_service_links: bool,
-    security_context: PodSecurityContext,
-    #[serde(default)]
-    init_containers: Vec<Container>,
-    containers: Vec<Container>,
-    #[serde(default)]
-    volumes: Vec<Volume>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PodSecurityContext {
-    run_as_user: i64,
-    fs_group: i64,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Container {
-    name: String,
-    image: String,
-    command: Option<Vec<String>>,
-    args: Option<Vec<String>>,
-    #[serde(default)]
-    env: Vec<EnvVar>,
-    #[serde(default)]
-    ports: Vec<ContainerPort>,
-    #[serde(default)]
-    volume_mounts: Vec<VolumeMount>,
-    startup_probe: Option<Probe>,
-    readiness_probe: Option<Probe>,
-    liveness_probe: Option<Probe>,
-    lifecycle: Option<Value>,
-    resources: Resources,
-    security_context: Value,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EnvVar {
-    name: String,
-    value: Option<String>,
-    value_from: Option<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ContainerPort {
-    name: String,
-    container_port: u16,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct VolumeMount {
-    name: String,
-    mount_path: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Probe {
-    grpc: GrpcAction,
-    period_seconds: u64,
-    failure_threshold: u32,
-}
-
-#[derive(Deserialize)]
-struct GrpcAction {
-    port: u16,
-    service: String,
-}
-
-#[derive(Deserialize)]
-struct Resources {
-    requests: BTreeMap<String, Value>,
-    limits: BTreeMap<String, Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Volume {
-    name: String,
-    config_map: Option<ConfigMapVolume>,
-    empty_dir: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct ConfigMapVolume {
-    name: String,
-}
-
-#[derive(Deserialize)]
-struct ConfigMap {
-    metadata: Metadata,
-    data: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct Service {
-    metadata: Metadata,
-    spec: ServiceSpec,
-}
-
-#[derive(Deserialize)]
-struct ServiceSpec {
-    ports: Vec<ServicePort>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ServicePort {
-    name: String,
-    target_port: Value,
-}
-
-#[derive(Deserialize)]
-struct PodDisruptionBudget {
-    spec: PdbSpec,
-}
-
-#[derive(Deserialize)]
-struct PdbSpec {
-    selector: LabelSelector,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(resource: Value) -> T {
-    let name = format!("{:?}/{:?}", resource["kind"], resource["metadata"]["name"]);
-    serde_norway::from_value(resource).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-/// One kustomization, rendered by kubectl and parsed.
-struct Manifests {
-    statefulset: StatefulSet,
-    config_maps: Vec<ConfigMap>,
-    services: Vec<Service>,
-    pdb: PodDisruptionBudget,
-    /// Every resource's labels.
-    labels: Vec<(String, BTreeMap<String, String>)>,
-}
-
-impl Manifests {
-    fn render(dir: &str) -> Self {
-        let rendered = kustomize(dir);
-        let (mut statefulsets, mut config_maps, mut services, mut pdbs, mut labels) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for document in serde_norway::Deserializer::from_str(&rendered) {
-            let resource = Value::deserialize(document).unwrap();
-            let kind = resource["kind"].as_str().expect("kind").to_owned();
-            let metadata: Metadata =
-                serde_norway::from_value(resource["metadata"].clone()).unwrap();
-            labels.push((format!("{kind}/{}", metadata.name), metadata.labels));
-            match kind.as_str() {
-                "StatefulSet" => statefulsets.push(parse(resource)),
-                "ConfigMap" => config_maps.push(parse(resource)),
-                "Service" => services.push(parse(resource)),
-                "PodDisruptionBudget" => pdbs.push(parse(resource)),
-                other => panic!("{dir} renders an unexpected {other}"),
-            }
-        }
-        assert_eq!(statefulsets.len(), 1, "{dir}: one StatefulSet");
-        assert_eq!(pdbs.len(), 1, "{dir}: one PodDisruptionBudget");
-        Manifests {
-            statefulset: statefulsets.remove(0),
-            config_maps,
-            services,
-            pdb: pdbs.remove(0),
-            labels,
-        }
-    }
-
-    fn pod(&self) -> &PodSpec {
-        &self.statefulset.spec.template.spec
-    }
-
-    fn server(&self) -> &Container {
-        let containers = &self.pod().containers;
-        assert_eq!(containers.len(), 1, "one container in the pod");
-        &containers[0]
-    }
-}
 
 /// A pod of the StatefulSet laid out on this machine: its volumes mounted in
 /// one container filesystem, and each container's launch.
@@ -1065,8 +804,7 @@ async fn start(
     let settings = launch.settings(rootfs);
     let standin = TcpListener::bind("127.0.0.1:0").unwrap();
     let otlp_endpoint = launch.redirect_otlp(&standin);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut server = launch.serve(rootfs, addr);
+    let mut server = launch.serve(rootfs).await;
     for (service, budget) in probes {
         probe_until_serving(&mut server, service, *budget).await;
     }

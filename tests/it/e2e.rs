@@ -9,10 +9,13 @@ use crate::common;
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
 };
 
-use crate::common::{ServerProcess, spawn_app};
+use crate::common::{
+    ServerProcess, spawn_app,
+    tools::{self, text},
+};
 use serde_json::{Value, json};
 
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
@@ -36,16 +39,12 @@ fn grpcurl_path() -> PathBuf {
 
 /// Runs `command` to completion off the async runtime, whose threads keep
 /// serving the in-process test server meanwhile.
-async fn output_of(mut command: Command) -> Output {
-    let shown = format!("{command:?}");
-    tokio::task::spawn_blocking(move || command.stdin(Stdio::null()).output())
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("can't run {shown}: {e}"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+async fn output_of(command: Command) -> Output {
+    tools::output_async(
+        command,
+        "scripts/test installs the e2e clients into target/test-venv",
+    )
+    .await
 }
 
 /// grpcurl aimed at one server, in plaintext.
@@ -587,13 +586,9 @@ fn read_readme() -> String {
 /// working directory without config/.
 fn bare_binary(args: &[&str]) -> (Output, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(common::BINARY)
-        .args(args)
-        .env_clear()
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .output()
-        .expect("runs user-manager");
+    let mut command = Command::new(common::BINARY);
+    command.args(args).env_clear().current_dir(dir.path());
+    let out = tools::output(command, "cargo builds it");
     assert!(
         out.status.success(),
         "user-manager {args:?} failed ({}): {}",

@@ -16,7 +16,26 @@ mod abuse;
 mod api;
 mod deploy;
 mod e2e;
+mod k8s;
 mod ops;
 mod safety;
 mod security;
 mod traces;
+
+/// The harness reads the addresses the binary bound from its log.
+mod harness {
+    use crate::common::process::{HEALTH_LISTENER, READY, connectable, logged_listen};
+
+    #[test]
+    fn listen_addresses_are_read_from_json_and_pretty_lines() {
+        let json = r#"{"timestamp":"t","level":"INFO","message":"user-manager ready to serve","listen":"127.0.0.1:4321","target":"x"}"#;
+        assert_eq!(
+            logged_listen(json, READY),
+            Some("127.0.0.1:4321".parse().unwrap())
+        );
+        assert_eq!(logged_listen(json, HEALTH_LISTENER), None);
+        let pretty = "2026-01-01T00:00:00Z \u{1b}[32m INFO\u{1b}[0m \u{1b}[2muser_manager::server\u{1b}[0m\u{1b}[2m:\u{1b}[0m health-only plaintext listener \u{1b}[3mlisten\u{1b}[0m\u{1b}[2m=\u{1b}[0m[::]:8081";
+        let addr = logged_listen(pretty, HEALTH_LISTENER).unwrap();
+        assert_eq!(connectable(addr), "[::1]:8081".parse().unwrap());
+    }
+}

@@ -9,38 +9,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::{BINARY, ServerProcess, eventually, health_status, spawn_app_in, user};
+use crate::common::{
+    BINARY, Binary, ServerProcess, eventually, health_status, raw_grpc::RawStream, spawn_app_in,
+    tools, user,
+};
 use futures::{StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+    health_client::HealthClient,
 };
-use user_manager::proto::{UserRequest, UserTypeRequest};
+use user_manager::proto::{UserRequest, UserResponse, UserTypeRequest};
 
 const GUEST: i32 = 3;
 
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// A health Watch of `service` over `channel`.
+async fn watch(
+    channel: tonic::transport::Channel,
+    service: impl Into<String>,
+) -> tonic::Streaming<HealthCheckResponse> {
+    HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
-/// Waits for the child to exit, at most `within`; returns its exit status.
-fn wait_exit(server: &mut ServerProcess, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The next status a Watch reports.
+async fn next_status(watch: &mut tonic::Streaming<HealthCheckResponse>) -> ServingStatus {
+    let status = watch.next().await.unwrap().unwrap().status;
+    ServingStatus::try_from(status).unwrap()
 }
 
 #[tokio::test]
@@ -50,17 +52,8 @@ async fn readiness_follows_the_database_and_watch_sees_each_transition() {
     })
     .await;
     let url = app.url();
-    let mut watch = HealthClient::new(app.channel().await)
-        .watch(HealthCheckRequest {
-            service: "readiness".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status,
-        ServingStatus::Serving as i32
-    );
+    let mut watch = watch(app.channel().await, "readiness").await;
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
 
     let db = common::db_path(app.dir.path());
     let moved = app.dir.path().join("moved-away.db");
@@ -69,10 +62,7 @@ async fn readiness_follows_the_database_and_watch_sees_each_transition() {
         health_status(&url, "").await == Some(ServingStatus::NotServing)
     })
     .await;
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status,
-        ServingStatus::NotServing as i32
-    );
+    assert_eq!(next_status(&mut watch).await, ServingStatus::NotServing);
     for name in ["UserManager", "readiness"] {
         assert_eq!(
             health_status(&url, name).await,
@@ -94,10 +84,7 @@ async fn readiness_follows_the_database_and_watch_sees_each_transition() {
         || async { health_status(&url, "UserManager").await == Some(ServingStatus::Serving) },
     )
     .await;
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status,
-        ServingStatus::Serving as i32
-    );
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
     let r = client
         .get_user(UserRequest { id: 1 })
         .await
@@ -106,65 +93,79 @@ async fn readiness_follows_the_database_and_watch_sees_each_transition() {
     assert_eq!(r.user.unwrap().nickname, "admin");
 }
 
+/// A stream in flight when SIGTERM comes completes during the drain, every
+/// message and an OK status, and then the process exits 0 at once: long
+/// before the drain deadline, so the drain ended because the work did. With
+/// draining broken the stream is cut (messages missing, no OK status), or
+/// the exit waits for the deadline, and this fails.
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams_and_exits_zero() {
+    const GUESTS: u32 = 10_000;
+    const DRAIN: Duration = Duration::from_secs(20);
+    const LAME_DUCK: Duration = Duration::from_millis(300);
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(
-        dir.path(),
-        &[
-            ("USER_MANAGER__SERVER__DRAIN_TIMEOUT_MS", "20000"),
-            ("USER_MANAGER__SERVER__LAME_DUCK_MS", "300"),
-        ],
+    let seed = common::big_seed(dir.path(), GUESTS);
+    let mut server = Binary::new(dir.path())
+        .env("USER_MANAGER__SEED__PATH", seed.display())
+        .env("USER_MANAGER__SERVER__DRAIN_TIMEOUT_MS", DRAIN.as_millis())
+        .env("USER_MANAGER__SERVER__LAME_DUCK_MS", LAME_DUCK.as_millis())
+        .start()
+        .await;
+    let mut watch = watch(server.channel().await, String::new()).await;
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
+
+    // Every guest, about 500 kB: more than the server can buffer. The client
+    // reads one flow-control window and releases none of it, so the call
+    // stays in flight until the client reads on.
+    let mut users = RawStream::open(
+        server.addr,
+        "/UserManager/GetUsersByType",
+        common::grpc_frame(&UserTypeRequest { user_type: GUEST }),
     )
     .await;
-    let mut client = server.client().await;
-    for id in 1000..3000 {
-        client
-            .add_user(user(id, &format!("g{id}"), GUEST))
-            .await
-            .unwrap();
-    }
-    let mut watch = HealthClient::new(
-        tonic::transport::Channel::from_shared(server.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    )
-    .watch(HealthCheckRequest {
-        service: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner();
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().status,
-        ServingStatus::Serving as i32
-    );
+    let mut received = Vec::new();
+    users.read_unreleased(&mut received, 65_535).await;
+    let signalled = Instant::now();
+    server.signal("TERM");
 
-    let mut users = client
-        .get_users_by_type(UserTypeRequest { user_type: GUEST })
+    // Health says so at once. (The Watch is closed then: an open Watch
+    // never ends by itself, and would hold the drain to its deadline.)
+    assert_eq!(next_status(&mut watch).await, ServingStatus::NotServing);
+    drop(watch);
+    // Past the lame duck, the listener closed and the drain begun, the call
+    // is still stuck on its client, longer than a server that stopped
+    // waiting for it would live on (it gives cancelled calls 500 ms to say
+    // so): the server waits for it.
+    tokio::time::sleep(LAME_DUCK + Duration::from_millis(1200)).await;
+    assert!(server.is_running(), "exited with a call in flight");
+
+    // The client reads on, slowish, and gets the whole stream.
+    let window = received.len();
+    let trailers = users
+        .read_to_end(window, &mut received, || {
+            tokio::time::sleep(Duration::from_millis(1))
+        })
         .await
-        .unwrap()
-        .into_inner();
-    let first = users.next().await.unwrap().unwrap();
-    sigterm(server.child.id());
-
-    // Health says so at once, and the stream in flight still completes.
+        .expect("trailers");
     assert_eq!(
-        watch.next().await.unwrap().unwrap().status,
-        ServingStatus::NotServing as i32
+        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0"),
+        "{trailers:?}"
     );
-    let mut ids = vec![first.user.unwrap().id];
-    while let Some(item) = users.next().await {
-        ids.push(item.unwrap().user.unwrap().id);
-        tokio::time::sleep(Duration::from_micros(200)).await; // a slowish reader
-    }
-    let expected: Vec<u32> = std::iter::once(2).chain(1000..3000).collect();
-    assert_eq!(ids, expected);
+    let ids: Vec<u32> = common::grpc_frame::decode_messages::<UserResponse>(&received)
+        .into_iter()
+        .map(|r| r.user.unwrap().id)
+        .collect();
+    let expected: Vec<u32> = std::iter::once(2).chain(100..100 + GUESTS).collect();
+    assert!(ids == expected, "{} of {} users", ids.len(), expected.len());
 
-    let status = wait_exit(&mut server, Duration::from_secs(30)).expect("exits after draining");
+    let status = server.wait_exit(DRAIN).await.expect("exits after draining");
     assert!(status.success(), "{status}");
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM: the drain waited for its {DRAIN:?} deadline, not for the call"
+    );
 }
 
 #[tokio::test]
@@ -186,13 +187,7 @@ async fn sigterm_exits_within_the_drain_deadline_whatever_stays_open() {
         .unwrap();
     // An open Watch, a half-finished bidi call, a client stream never closed,
     // and a TCP connection that never sends the HTTP/2 preface.
-    let mut watch = HealthClient::new(channel.clone())
-        .watch(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = watch(channel.clone(), String::new()).await;
     watch.next().await.unwrap().unwrap();
     let mut client = user_manager::proto::user_manager_client::UserManagerClient::new(channel);
     let (bidi_tx, bidi_rx) = mpsc::channel(1);
@@ -211,13 +206,13 @@ async fn sigterm_exits_within_the_drain_deadline_whatever_stays_open() {
             .count_already_users(ReceiverStream::new(count_rx))
             .await
     });
-    let _silent = std::net::TcpStream::connect(server.addr).unwrap();
+    let _silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let signalled = Instant::now();
-    sigterm(server.child.id());
-    let status = wait_exit(&mut server, Duration::from_millis(DRAIN_MS + 2000))
-        .expect("exits within the drain deadline + 2 s");
+    let status = server
+        .sigterm_and_wait(Duration::from_millis(DRAIN_MS + 2000))
+        .await;
     assert!(status.success(), "{status}");
     assert!(signalled.elapsed() >= Duration::from_millis(DRAIN_MS));
 
@@ -237,7 +232,7 @@ async fn lame_duck_keeps_serving_while_health_says_not_serving() {
         &[("USER_MANAGER__SERVER__LAME_DUCK_MS", "3000")],
     )
     .await;
-    sigterm(server.child.id());
+    server.signal("TERM");
     let url = server.url();
     eventually(
         Duration::from_secs(5),
@@ -257,7 +252,10 @@ async fn lame_duck_keeps_serving_while_health_says_not_serving() {
         health_status(&url, "liveness").await,
         Some(ServingStatus::Serving)
     );
-    let status = wait_exit(&mut server, Duration::from_secs(30)).expect("exits");
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
     assert!(status.success());
 }
 
@@ -354,13 +352,12 @@ async fn expired_deadlines_are_deadline_exceeded() {
     assert_eq!(r.into_inner().user_cnt, 1);
 }
 
+/// The binary with nothing but `env`: no database, seed or address of the
+/// harness's.
 fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(BINARY);
-    cmd.args(args).env_clear().stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
+    cmd.args(args).env_clear().envs(env.iter().copied());
+    tools::output(cmd, "cargo builds it")
 }
 
 #[tokio::test]
@@ -405,11 +402,11 @@ fn config_subcommand_shows_sources_and_bad_values_fail_before_binding() {
         "{text}"
     );
 
-    let port = common::free_port();
+    // Port 0: the refusal comes before anything is bound.
     let bad = run_binary(
         &["serve"],
         &[
-            ("USER_MANAGER__SERVER__LISTEN", &format!("127.0.0.1:{port}")),
+            ("USER_MANAGER__SERVER__LISTEN", "127.0.0.1:0"),
             ("USER_MANAGER__DATABASE__MAX_CONNECTIONS", "many"),
         ],
     );

@@ -195,7 +195,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_add_and_tears_no_row() {
     const KILL_AFTER: usize = 1500;
     let dir = tempfile::tempdir().unwrap();
     let db = common::db_path(dir.path());
-    let server = ServerProcess::start(dir.path(), &[]).await;
+    let mut server = ServerProcess::start(dir.path(), &[]).await;
 
     let next_id = Arc::new(AtomicU32::new(FIRST_ID));
     let acked = Arc::new(Mutex::new(Vec::new()));
@@ -223,7 +223,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_add_and_tears_no_row() {
         assert!(Instant::now() < deadline, "the load never got going");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    server.kill_9(); // with every writer mid-call
+    server.kill_9().await; // with every writer mid-call
     for writer in writers {
         writer.await.unwrap();
     }
@@ -332,7 +332,7 @@ async fn a_full_disk_refuses_adds_keeps_reads_and_recovers_without_damage() {
     let enter = fs.enter();
     let enter: Vec<&str> = enter.iter().map(String::as_str).collect();
     let db = common::db_path(fs.dir.path());
-    let server = ServerProcess::start_via(&enter, fs.dir.path(), &[]).await;
+    let mut server = ServerProcess::start_via(&enter, fs.dir.path(), &[]).await;
     let mut client = server.client().await;
     let mut stored: Vec<User> = (FIRST_ID..FIRST_ID + 200).map(sent).collect();
     for u in &stored {
@@ -379,7 +379,7 @@ async fn a_full_disk_refuses_adds_keeps_reads_and_recovers_without_damage() {
     assert_serves(&mut client, &stored, &[]).await;
     assert_integrity_ok(&enter, &db);
 
-    server.kill_9();
+    server.kill_9().await;
     let server = ServerProcess::start_via(&enter, fs.dir.path(), &[]).await;
     assert_serves(&mut server.client().await, &stored, &[]).await;
     assert_integrity_ok(&enter, &db);
@@ -418,10 +418,7 @@ async fn outage_and_recovery(wrapper: &[&str], break_file: fn(&Path), repair: fn
         assert_eq!(health_status(&url, name).await, Some(status), "{name}");
     }
     assert_every_rpc_unavailable(&mut client).await;
-    assert!(
-        server.child.try_wait().unwrap().is_none(),
-        "the server died"
-    );
+    assert!(server.is_running(), "the server died");
 
     repair(dir.path());
     wait_health(&url, "", ServingStatus::Serving).await;
@@ -431,7 +428,7 @@ async fn outage_and_recovery(wrapper: &[&str], break_file: fn(&Path), repair: fn
     stored.push(added);
     assert_serves(&mut client, &stored, &[FIRST_ID + 2]).await;
 
-    server.kill_9();
+    server.kill_9().await;
     let server = ServerProcess::start(dir.path(), &[]).await;
     assert_serves(&mut server.client().await, &stored, &[FIRST_ID + 2]).await;
     assert_integrity_ok(&[], &db);
@@ -532,7 +529,7 @@ async fn racing_adds_of_one_id_over_many_connections_have_one_lasting_winner() {
     const CALLS_PER_CONNECTION: u32 = 4;
     const IDS: u32 = 16;
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]).await;
+    let mut server = ServerProcess::start(dir.path(), &[]).await;
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
         clients.push(server.client().await);
@@ -566,7 +563,7 @@ async fn racing_adds_of_one_id_over_many_connections_have_one_lasting_winner() {
     let winners: Vec<User> = winners.into_values().collect();
     assert_serves(&mut clients[0], &winners, &[]).await;
 
-    server.kill_9();
+    server.kill_9().await;
     let server = ServerProcess::start(dir.path(), &[]).await;
     assert_serves(&mut server.client().await, &winners, &[]).await;
 }
@@ -663,7 +660,7 @@ async fn stalled_and_slow_readers_never_hold_back_wal_checkpoints() {
     // Writers add NORMAL users at ids scattered over the id space (an odd
     // multiplier is a bijection on u32), so each commit dirties many pages,
     // until the server has written WRITTEN bytes.
-    let pid = server.child.id();
+    let pid = server.pid();
     let written_before = bytes_written(pid);
     let next = Arc::new(AtomicU32::new(1));
     let mut writers = Vec::new();

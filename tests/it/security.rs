@@ -5,25 +5,28 @@
 //! and `user-manager config`, the `healthcheck` TLS flags, the TLS deployment
 //! variants, and the supply-chain policy. Certificates are made per test.
 
-use crate::common;
-
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    process::Output,
+    sync::Arc,
+    time::Duration,
 };
 
-use crate::common::{BINARY, SEED, eventually, free_port, grpc_frame, health_status, raw_grpc_call, user};
+use crate::{
+    common::{
+        self, Binary, ServerProcess, eventually, grpc_frame, health_status, raw_grpc_call,
+        tools::{REPO, run_tool_ok as run_tool, text},
+        user,
+    },
+    k8s::{self, Manifests},
+};
 use futures::stream;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use serde::Deserialize;
 use serde_norway::Value;
 use tokio_rustls::{
     TlsConnector,
@@ -44,7 +47,6 @@ use user_manager::{
     proto::{UserRequest, UserTypeRequest, user_manager_client::UserManagerClient},
 };
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const GUEST: i32 = 3;
 const ADMINISTRATOR: i32 = 2;
 const READ_TOKEN: &str = "read-token-3f9c2a71d8e4b6a0";
@@ -336,139 +338,17 @@ fn rustls_pemfile_certs(pem: &str) -> Vec<CertificateDer<'static>> {
 
 // ---------------------------------------------------------------- the binary
 
-/// `user-manager serve` as a child process, configured through the
-/// environment, with a health-only listener to tell when it is up, and its
-/// output (logs and errors) collected.
-struct Server {
-    child: std::process::Child,
-    addr: SocketAddr,
-    health: SocketAddr,
-    log: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
+/// `user-manager` configured by `env` over the database in `dir`, with a
+/// health-only listener to tell when it is up (server.listen may speak TLS).
+fn binary(dir: &Path, env: &[(String, String)]) -> Binary {
+    Binary::new(dir).health_listener().envs(env)
 }
 
-impl Server {
-    async fn start(dir: &Path, args: &[&str], env: &[(String, String)]) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = server_command(dir, args, addr, health)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starts the user-manager binary");
-        // Logs go to stdout, startup errors to stderr: both are collected.
-        let log = Arc::new(Mutex::new(String::new()));
-        let collect = |output: Box<dyn std::io::Read + Send>| {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(output).lines().map_while(Result::ok) {
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
-        };
-        let readers = vec![
-            collect(Box::new(child.stdout.take().unwrap())),
-            collect(Box::new(child.stderr.take().unwrap())),
-        ];
-        let mut server = Server {
-            child,
-            addr,
-            health,
-            log,
-            readers,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while health_status(&format!("http://{health}"), "").await != Some(ServingStatus::Serving) {
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("user-manager exited ({status}):\n{}", server.log());
-            }
-            assert!(Instant::now() < deadline, "not SERVING:\n{}", server.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        server
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits until the log, past `from` bytes, contains `needle`; returns
-    /// the length of the log then.
-    async fn wait_for_log(&self, from: usize, needle: &str) -> usize {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = self.log();
-            if log[from..].contains(needle) {
-                return log.len();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the log:\n{log}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// SIGTERM, then the whole log once the process has exited. Waits
-    /// without blocking the runtime, so the test's open connections can
-    /// answer the server's goodbye (a GOAWAY and a PING) and the drain ends.
-    async fn stop(mut self) -> String {
-        self.signal("TERM");
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        for reader in std::mem::take(&mut self.readers) {
-            reader.join().unwrap();
-        }
-        let log = self.log();
-        assert!(status.success(), "exit {status}:\n{log}");
-        log
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The binary with a clean environment: loopback ports, a database in `dir`.
-fn server_command(dir: &Path, args: &[&str], addr: SocketAddr, health: SocketAddr) -> Command {
-    let mut command = Command::new(BINARY);
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("USER_MANAGER__SERVER__LISTEN", addr.to_string())
-        .env("USER_MANAGER__SERVER__HEALTH_LISTEN", health.to_string())
-        .env(
-            "USER_MANAGER__DATABASE__URL",
-            format!("sqlite://{}", dir.join("users.db").display()),
-        )
-        .env("USER_MANAGER__SEED__PATH", SEED)
-        .env("USER_MANAGER__LOG__LEVEL", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    command
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// SIGTERM, a clean exit, then the whole log.
+async fn stop(server: &mut ServerProcess) -> String {
+    let status = server.sigterm_and_wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit {status}");
+    server.log()
 }
 
 // ---------------------------------------------------------------- TLS
@@ -567,7 +447,7 @@ async fn sighup_reloads_and_a_mismatched_pair_leaves_the_old_certificate_serving
     let mut env = files.env(false);
     // No polling: only SIGHUP reloads.
     env.push(env_var("SERVER__TLS__RELOAD_INTERVAL_MS", 0));
-    let server = Server::start(dir.path(), &["serve"], &env).await;
+    let mut server = binary(dir.path(), &env).start().await;
     assert_eq!(
         served_certificate(server.addr, &ca).await.unwrap(),
         first.der
@@ -596,19 +476,14 @@ async fn sighup_reloads_and_a_mismatched_pair_leaves_the_old_certificate_serving
         served_certificate(server.addr, &ca).await.unwrap(),
         second.der
     );
-    server.stop().await;
+    stop(&mut server).await;
 }
 
 /// `serve` with `env`: it must fail before touching the database, and say
 /// `expected` on stderr.
 fn assert_refuses_to_start(env: &[(String, String)], expected: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let unused: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let output = server_command(dir.path(), &["serve"], unused, unused)
-        .env_remove("USER_MANAGER__SERVER__HEALTH_LISTEN")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .unwrap();
+    let output = Binary::new(dir.path()).envs(env).arg("serve").output();
     let stderr = text(&output.stderr);
     assert!(!output.status.success(), "started with {env:?}");
     for needle in expected {
@@ -687,12 +562,9 @@ async fn the_health_listener_answers_health_in_plaintext_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("server CA");
     let files = TlsFiles::write(dir.path(), &ca.server(), &ca);
-    let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let app = common::spawn_app_in(dir, |s| {
-        files.apply(s, true);
-        s.server.health_listen = Some(health);
-    })
-    .await;
+    // The binary, which reports the health-only listener's address.
+    let app = binary(dir.path(), &files.env(true)).start().await;
+    let health = app.health.unwrap();
     let url = format!("http://{health}");
     for service in ["", "readiness", "liveness", "UserManager"] {
         assert_eq!(
@@ -856,7 +728,7 @@ async fn no_token_or_key_reaches_the_logs_or_the_config_output() {
         env_var("AUTH__TOKENS_FILE", tokens_file.display()),
         env_var("AUTH__READ_SUBJECTS", "reporting"),
     ]);
-    let server = Server::start(dir.path(), &["serve"], &env).await;
+    let mut server = binary(dir.path(), &env).start().await;
     let identity = client_ca.client("someone", vec![]);
     let channel = tls_channel(server.addr, &server_ca, Some(&identity))
         .await
@@ -876,18 +748,9 @@ async fn no_token_or_key_reaches_the_logs_or_the_config_output() {
             token,
         );
     }
-    let log = server.stop().await;
+    let log = stop(&mut server).await;
 
-    let config = server_command(
-        dir.path(),
-        &["config"],
-        "127.0.0.1:1".parse().unwrap(),
-        "127.0.0.1:2".parse().unwrap(),
-    )
-    .envs(env.iter().map(|(k, v)| (k, v)))
-    .stdout(Stdio::piped())
-    .output()
-    .unwrap();
+    let config = binary(dir.path(), &env).arg("config").output();
     assert!(config.status.success(), "{}", text(&config.stderr));
     let config = text(&config.stdout);
     for key in ["auth.read_tokens", "auth.write_tokens"] {
@@ -930,7 +793,7 @@ async fn healthcheck_speaks_tls_with_a_client_certificate_or_uses_the_health_lis
     let server_ca = Ca::new("server CA");
     let client_ca = Ca::new("client CA");
     let files = TlsFiles::write(dir.path(), &server_ca.server(), &client_ca);
-    let server = Server::start(dir.path(), &["serve"], &files.env(true)).await;
+    let mut server = binary(dir.path(), &files.env(true)).start().await;
     let probe = client_ca.client("probe", vec![]);
     let pem = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -944,11 +807,15 @@ async fn healthcheck_speaks_tls_with_a_client_certificate_or_uses_the_health_lis
     );
     let addr = server.addr.to_string();
     let healthcheck = |args: &[&str]| -> Output {
-        server_command(dir.path(), &["healthcheck"], server.addr, server.health)
+        Binary::new(dir.path())
+            .env("USER_MANAGER__SERVER__LISTEN", server.addr)
+            .env(
+                "USER_MANAGER__SERVER__HEALTH_LISTEN",
+                server.health.unwrap(),
+            )
+            .arg("healthcheck")
             .args(args)
-            .stdout(Stdio::piped())
             .output()
-            .unwrap()
     };
     let tls = [
         "--addr",
@@ -978,66 +845,17 @@ async fn healthcheck_speaks_tls_with_a_client_certificate_or_uses_the_health_lis
     assert!(default.status.success(), "{}", text(&default.stderr));
     let no_ca = healthcheck(&["--addr", &addr, "--tls"]);
     assert_eq!(no_ca.status.code(), Some(2), "--tls needs --ca");
-    server.stop().await;
+    stop(&mut server).await;
 }
 
 // ---------------------------------------------------------------- deployment
-
-fn run_tool(program: &str, args: &[&str], comes_from: &str) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(REPO)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {program} ({comes_from}): {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{}{}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-    text(&output.stdout)
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Container {
-    name: String,
-    #[serde(default)]
-    env: Vec<EnvVar>,
-    #[serde(default)]
-    ports: Vec<Value>,
-    #[serde(default)]
-    volume_mounts: Vec<VolumeMount>,
-    startup_probe: Value,
-    readiness_probe: Value,
-    liveness_probe: Value,
-}
-
-#[derive(Deserialize)]
-struct EnvVar {
-    name: String,
-    value: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct VolumeMount {
-    name: String,
-    mount_path: String,
-    sub_path: Option<String>,
-}
 
 const TLS_OVERLAY: &str = "deploy/k8s/overlays/tls";
 
 #[tokio::test]
 async fn the_tls_overlay_validates_and_its_settings_serve_over_tls_with_probes_on_the_health_port()
 {
-    let rendered = run_tool(
-        "kubectl",
-        &["kustomize", TLS_OVERLAY],
-        "kubectl (with its built-in kustomize) comes with these machines",
-    );
+    let rendered = k8s::kustomize(TLS_OVERLAY);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &rendered).unwrap();
     for version in ["1.30.0", "1.37.0"] {
@@ -1053,19 +871,17 @@ async fn the_tls_overlay_validates_and_its_settings_serve_over_tls_with_probes_o
             "scripts/test installs it from tests/requirements.txt",
         );
     }
-    let resources: Vec<Value> = serde_norway::Deserializer::from_str(&rendered)
-        .map(|document| Value::deserialize(document).unwrap())
-        .collect();
-    let of_kind = |kind: &'static str| resources.iter().filter(move |r| r["kind"] == kind);
-    let statefulset = of_kind("StatefulSet").next().unwrap();
-    let pod = &statefulset["spec"]["template"]["spec"];
-    let containers: Vec<Container> = serde_norway::from_value(pod["containers"].clone()).unwrap();
-    let server = containers
+    let manifests = Manifests::parse(TLS_OVERLAY, &rendered);
+    let pod = manifests.pod();
+    let server = pod
+        .containers
         .iter()
         .find(|c| c.name == "user-manager")
         .unwrap();
-    let config_toml = of_kind("ConfigMap")
-        .find_map(|c| c["data"]["config.toml"].as_str())
+    let config_toml = manifests
+        .config_maps
+        .iter()
+        .find_map(|c| c.data.get("config.toml"))
         .unwrap();
 
     // The settings the container gets: the ConfigMap's file and its environment.
@@ -1094,9 +910,10 @@ async fn the_tls_overlay_validates_and_its_settings_serve_over_tls_with_probes_o
         &server.readiness_probe,
         &server.liveness_probe,
     ] {
+        let probe = probe.as_ref().unwrap();
         assert_eq!(
-            probe["grpc"]["port"].as_u64(),
-            Some(u64::from(health.port())),
+            probe.grpc.port,
+            health.port(),
             "probes can't speak TLS: {probe:?}"
         );
     }
@@ -1104,7 +921,7 @@ async fn the_tls_overlay_validates_and_its_settings_serve_over_tls_with_probes_o
         server
             .ports
             .iter()
-            .any(|p| p["containerPort"].as_u64() == Some(u64::from(health.port())))
+            .any(|p| p.container_port == health.port())
     );
 
     // Every file the server reads comes from a Secret mounted as a directory
@@ -1116,16 +933,13 @@ async fn the_tls_overlay_validates_and_its_settings_serve_over_tls_with_probes_o
             .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
             .unwrap_or_else(|| panic!("no mount holds {}", path.display()));
         assert!(mount.sub_path.is_none(), "{}: subPath", mount.mount_path);
-        let volume = pod["volumes"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == mount.name.as_str())
-            .unwrap();
-        volume["secret"]["secretName"]
-            .as_str()
+        let volume = pod.volumes.iter().find(|v| v.name == mount.name).unwrap();
+        volume
+            .secret
+            .as_ref()
             .unwrap_or_else(|| panic!("{} is not a Secret", mount.name))
-            .to_owned()
+            .secret_name
+            .clone()
     };
     let tls = &settings.server.tls;
     for path in [&tls.cert_path, &tls.key_path, &tls.client_ca_path] {
@@ -1173,20 +987,18 @@ async fn the_tls_overlay_validates_and_its_settings_serve_over_tls_with_probes_o
         .collect();
     launch_env.push(env_var("LOG__FORMAT", "pretty"));
     let config_arg = config_file.display().to_string();
-    let running = Server::start(
-        work.path(),
-        &["--config", &config_arg, "serve"],
-        &launch_env,
-    )
-    .await;
+    let mut running = binary(work.path(), &launch_env)
+        .args(["--config", &config_arg, "serve"])
+        .start()
+        .await;
     for probe in [
         &server.startup_probe,
         &server.readiness_probe,
         &server.liveness_probe,
     ] {
-        let service = probe["grpc"]["service"].as_str().unwrap();
+        let service = probe.as_ref().unwrap().grpc.service.as_str();
         assert_eq!(
-            health_status(&format!("http://{}", running.health), service).await,
+            health_status(&running.health_url().unwrap(), service).await,
             Some(ServingStatus::Serving),
             "probe of {service:?}"
         );
@@ -1202,7 +1014,7 @@ async fn the_tls_overlay_validates_and_its_settings_serve_over_tls_with_probes_o
         Code::Ok,
         "the overlay's read token",
     );
-    running.stop().await;
+    stop(&mut running).await;
 }
 
 #[test]

@@ -7,7 +7,7 @@ use crate::common;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    process::{Command, ExitStatus},
+    process::ExitStatus,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -159,17 +159,7 @@ async fn start_exporting(
 
 /// SIGTERM, then waits for the process to exit.
 async fn terminate(mut server: ServerProcess) -> ExitStatus {
-    let sent = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.sigterm_and_wait(Duration::from_secs(30)).await
 }
 
 fn ids(ids: impl IntoIterator<Item = u32>) -> Vec<UserRequest> {
@@ -496,7 +486,8 @@ async fn without_an_endpoint_nothing_is_exported_and_the_server_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_clients_nothing() {
-    let nobody = format!("http://127.0.0.1:{}", common::free_port());
+    let (_held, refusing) = common::refusing_addr();
+    let nobody = format!("http://{refusing}");
     let dir = tempfile::tempdir().unwrap();
     // Exports are attempted (and fail) every 50 ms while clients call.
     let server = ServerProcess::start(
@@ -568,11 +559,8 @@ async fn cancelled_and_timed_out_streams_end_their_spans_with_that_status() {
 async fn json_log_lines_carry_the_trace_and_span_ids() {
     let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("stdout.jsonl");
-    let redirect = format!("exec \"$0\" \"$@\" > '{}'", log.display());
     let endpoint = collector.endpoint();
-    let server = ServerProcess::start_via(
-        &["sh", "-c", &redirect],
+    let mut server = ServerProcess::start(
         dir.path(),
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
@@ -586,12 +574,13 @@ async fn json_log_lines_carry_the_trace_and_span_ids() {
     let mut client = server.client().await;
     let failed = client.get_user(UserRequest { id: 5000 }).await.unwrap_err();
     assert_eq!(failed.code(), Code::Internal);
-    assert!(terminate(server).await.success());
+    let status = server.sigterm_and_wait(Duration::from_secs(30)).await;
+    assert!(status.success());
 
     let span = &collector.server_spans()["UserManager/GetUser"];
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
+    let lines: Vec<serde_json::Value> = server
+        .stdout_lines()
+        .iter()
         .map(|line| serde_json::from_str(line).expect(line))
         .collect();
     // The handler logs the storage error inside the call's span.

@@ -1,0 +1,80 @@
+//! The server in the test process, through the same `Application::build`
+//! path as `main`, on an ephemeral port with a temporary database.
+
+use std::{net::SocketAddr, path::Path};
+
+use tempfile::TempDir;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use user_manager::{
+    config::Settings, proto::user_manager_client::UserManagerClient, server::Application,
+};
+
+use super::SEED;
+
+/// Settings for a test server: loopback, port 0, a database in `dir`.
+pub fn test_settings(dir: &Path) -> Settings {
+    let mut settings = Settings::embedded_default();
+    settings.server.listen = "127.0.0.1:0".parse().unwrap();
+    settings.database.url = format!("sqlite://{}", super::db_path(dir).display());
+    settings.seed.path = SEED.into();
+    settings
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A server with a fresh, seeded database.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_in(tempfile::tempdir().unwrap(), |_| {}).await
+}
+
+/// A server over the database in `dir`, with settings adjusted by `adjust`.
+pub async fn spawn_app_in(dir: TempDir, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = test_settings(dir.path());
+    adjust(&mut settings);
+    let app = Application::build(settings).await.expect("server builds");
+    let addr = app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        addr,
+        dir,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the test server")
+    }
+
+    pub async fn client(&self) -> UserManagerClient<Channel> {
+        UserManagerClient::new(self.channel().await)
+    }
+
+    /// Stops the server gracefully and hands back its database directory.
+    pub async fn stop(mut self) -> TempDir {
+        let _ = self.stop.take().unwrap().send(());
+        self.task
+            .await
+            .expect("server task did not panic")
+            .expect("server stopped cleanly");
+        self.dir
+    }
+}
