@@ -12,7 +12,8 @@
 //!
 //! Shared by every test binary that says `mod common;`.
 
-#![allow(dead_code)] // each test binary uses its own part of the harness
+// Each test binary uses its own part of the harness.
+#![allow(dead_code, unused_imports)]
 
 pub mod app;
 pub mod grpc_frame;
