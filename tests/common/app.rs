@@ -57,11 +57,7 @@ impl TestApp {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects to the test server")
+        super::connect(self.url()).await
     }
 
     pub async fn client(&self) -> UserManagerClient<Channel> {

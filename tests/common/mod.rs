@@ -87,6 +87,15 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
     (socket, addr)
 }
 
+/// A channel to a test server at `url`, connected.
+pub async fn connect(url: String) -> Channel {
+    Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects to the test server")
+}
+
 /// The health status of `service`, or None if the server can't be asked.
 pub async fn health_status(url: &str, service: &str) -> Option<ServingStatus> {
     let channel = Channel::from_shared(url.to_owned())

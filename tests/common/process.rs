@@ -286,11 +286,7 @@ impl ServerProcess {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects to the server process")
+        super::connect(self.url()).await
     }
 
     pub async fn client(&self) -> UserManagerClient<Channel> {
