@@ -34,6 +34,8 @@ pub struct Health {
 #[derive(Default)]
 struct State {
     database_ok: AtomicBool,
+    /// Whether a check has been recorded yet.
+    checked: AtomicBool,
     shutting_down: AtomicBool,
     /// Serialises status changes so a late check can't undo a shutdown.
     changes: tokio::sync::Mutex<()>,
@@ -70,13 +72,21 @@ impl Health {
     pub async fn set_database_ok(&self, ok: bool) {
         let _changing = self.state.changes.lock().await;
         let was = self.state.database_ok.swap(ok, Ordering::AcqRel);
-        if was != ok && !self.state.shutting_down.load(Ordering::Acquire) {
+        let first = !self.state.checked.swap(true, Ordering::AcqRel);
+        if self.state.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        if was != ok {
             self.set_readiness(ok).await;
-            if ok {
-                tracing::info!("database readable again: SERVING");
-            } else {
+        }
+        // The first check that passes is the start, which "ready to serve"
+        // announces: the database was never unreadable, so not "again".
+        match (ok, was, first) {
+            (true, false, false) => tracing::info!("database readable again: SERVING"),
+            (false, true, _) | (false, _, true) => {
                 tracing::warn!("database unreadable: NOT_SERVING");
             }
+            _ => {}
         }
     }
 

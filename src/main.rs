@@ -18,7 +18,7 @@ use user_manager::{
 
 /// The UserManager gRPC service.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = CONFIGURATION_HELP)]
 struct Cli {
     /// A TOML file layered over the defaults (and under the environment).
     #[arg(long, global = true, value_name = "FILE")]
@@ -26,6 +26,17 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+/// How settings are found, for `--help`: the variables are otherwise invisible.
+const CONFIGURATION_HELP: &str = "\
+Configuration comes in four layers, each later one overriding the keys it sets:
+  1. the defaults compiled into the binary (config/default.toml in the repository)
+  2. config/$APP_ENV.toml, relative to the working directory, if APP_ENV is set
+     and that file exists
+  3. the file given with --config FILE
+  4. environment variables USER_MANAGER__SECTION__KEY, e.g.
+     USER_MANAGER__SERVER__LISTEN=127.0.0.1:5000 or USER_MANAGER__LOG__FORMAT=json
+`user-manager config` prints every key, its value and where it came from.";
 
 #[derive(Subcommand)]
 enum Command {
@@ -128,7 +139,7 @@ fn main() -> ExitCode {
     let telemetry = match runtime.block_on(async { telemetry::init(&settings) }) {
         Ok(guard) => guard,
         Err(e) => {
-            eprintln!("user-manager: setting up logging and traces: {e:#}");
+            eprintln!("user-manager: setting up logging and traces: {}", chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -150,10 +161,50 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("user-manager: {e:#}");
+            // Once, on stderr: a log line too would say it twice on a terminal.
+            eprintln!("user-manager: {}", chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, each once: `a: b: c`. Libraries often put their
+/// cause's text into their own message as well (hyper's `tcp connect error`,
+/// rustls' alerts, an io error inside a file error), so anyhow's `{:#}` would
+/// print it twice; a cause whose text is already there adds nothing.
+fn chain(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// What to do about a failed health check, where the cause says.
+fn health_hint(error: &anyhow::Error, addr: &str, tls: bool) -> Option<String> {
+    let refused = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
+    let text = chain(error);
+    if refused || text.contains("Connection refused") {
+        Some(format!("is the server running on {addr}?"))
+    } else if tls && text.contains("InvalidContentType") {
+        Some(format!(
+            "{addr} does not speak TLS: drop --tls for a plaintext server"
+        ))
+    } else if text.contains("dns error") {
+        Some(format!("is the host in {addr} spelt right?"))
+    } else {
+        None
     }
 }
 
@@ -188,10 +239,11 @@ fn healthcheck(args: HealthcheckArgs, config: Option<PathBuf>) -> ExitCode {
     let tls = match args.tls.client_config() {
         Ok(tls) => tls,
         Err(e) => {
-            eprintln!("user-manager: {e:#}");
+            eprintln!("user-manager: {}", chain(&e));
             return ExitCode::from(2);
         }
     };
+    let tls_on = tls.is_some();
     match runtime.block_on(check_health(&addr, &args.service, tls, timeout)) {
         Ok(status) if status == ServingStatus::Serving => {
             println!("{}", status.as_str_name());
@@ -202,7 +254,9 @@ fn healthcheck(args: HealthcheckArgs, config: Option<PathBuf>) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("user-manager: health check of {addr}: {e:#}");
+            let hint =
+                health_hint(&e, &addr, tls_on).map_or_else(String::new, |h| format!("; {h}"));
+            eprintln!("user-manager: health check of {addr}: {}{hint}", chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,12 +1,22 @@
-//! Reads the seed file: the original service's JSON, an object keyed by the
-//! id as a string, user_type as the enum name. Every entry is validated before
-//! the database is touched, so a bad file changes nothing.
+//! Reads the seed: the original service's JSON, an object keyed by the id as
+//! a string, user_type as the enum name. Every entry is validated before the
+//! database is touched, so a bad file changes nothing.
+//!
+//! The repository's `seed/users.json` is compiled in: `seed.path =
+//! "embedded"` (the default) imports it, so the binary runs from any
+//! directory, installed or copied.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::domain::{User, UserType, ValidationError};
+use crate::{
+    config::EMBEDDED_SEED,
+    domain::{User, UserType, ValidationError},
+};
+
+/// The repository's seed, compiled in.
+pub const EMBEDDED: &str = include_str!("../seed/users.json");
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
@@ -38,8 +48,12 @@ struct Entry {
     user_type: String,
 }
 
-/// Reads and validates every user in the seed file, in id order.
+/// Reads and validates every user of the seed, in id order: `seed.path`'s
+/// value, the compiled-in users for [`EMBEDDED_SEED`], else a file.
 pub fn load(path: &Path) -> Result<Vec<User>, SeedError> {
+    if path.as_os_str() == EMBEDDED_SEED {
+        return parse(path, EMBEDDED);
+    }
     let text = std::fs::read_to_string(path).map_err(|source| SeedError::Read {
         path: path.to_owned(),
         source,
@@ -96,6 +110,8 @@ mod tests {
     #[test]
     fn the_shipped_seed_has_the_six_users() {
         let users = load(Path::new("seed/users.json")).unwrap();
+        let embedded = load(Path::new(EMBEDDED_SEED)).unwrap();
+        assert_eq!(embedded, users, "the embedded seed is seed/users.json");
         let summary: Vec<_> = users
             .iter()
             .map(|u| (u.id.get(), u.nickname.as_str(), u.user_type.name()))

@@ -10,6 +10,7 @@
 //! propagators, batching and exporter work as the specification says.
 
 use std::{
+    io::IsTerminal as _,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -89,7 +90,11 @@ impl TelemetryGuard {
 /// configured). Call once, inside the tokio runtime: the OTLP exporter's
 /// channel is spawned on it.
 pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
-    let logs = log_layer(&settings.log, std::io::stdout)?;
+    let logs = log_layer(
+        &settings.log,
+        std::io::stdout,
+        colour(std::io::stdout().is_terminal()),
+    )?;
     let Some(endpoint) = otlp_endpoint(&settings.telemetry.otlp_endpoint) else {
         tracing_subscriber::registry().with(logs).try_init()?;
         return Ok(TelemetryGuard { provider: None });
@@ -106,14 +111,22 @@ pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
     })
 }
 
-/// Log lines to `writer`, in `log.format`, filtered by `log.level`.
-fn log_layer<S, W>(settings: &LogSettings, writer: W) -> anyhow::Result<impl Layer<S>>
+/// Whether "pretty" lines get colours: only on a terminal (escape codes in a
+/// file or a log collector are noise), and never with `NO_COLOR` set to
+/// anything but "" (<https://no-color.org>).
+fn colour(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Log lines to `writer`, in `log.format`, filtered by `log.level`, with ANSI
+/// colours if `ansi`.
+fn log_layer<S, W>(settings: &LogSettings, writer: W, ansi: bool) -> anyhow::Result<impl Layer<S>>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let filter = EnvFilter::builder().parse(&settings.level)?;
-    let layer = fmt::layer().with_writer(writer);
+    let layer = fmt::layer().with_writer(writer).with_ansi(ansi);
     let layer = match settings.format {
         LogFormat::Pretty => layer.boxed(),
         LogFormat::Json => layer
@@ -302,7 +315,7 @@ mod tests {
             level: "info".into(),
         };
         let subscriber = tracing_subscriber::registry()
-            .with(log_layer(&settings, output.clone()).unwrap())
+            .with(log_layer(&settings, output.clone(), false).unwrap())
             .with(trace_layer(provider.tracer("test")));
         let inside: SpanContext = tracing::subscriber::with_default(subscriber, || {
             tracing::info!("outside");
@@ -328,5 +341,22 @@ mod tests {
         assert_eq!(inside_line["level"], "INFO");
         assert_eq!(inside_line["trace_id"], inside.trace_id().to_string());
         assert_eq!(inside_line["span_id"], inside.span_id().to_string());
+    }
+
+    #[test]
+    fn pretty_lines_have_colours_only_when_asked() {
+        let settings = LogSettings {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        };
+        for ansi in [false, true] {
+            let output = Buffer::default();
+            let subscriber = tracing_subscriber::registry()
+                .with(log_layer(&settings, output.clone(), ansi).unwrap());
+            tracing::subscriber::with_default(subscriber, || tracing::info!(user = 7, "hello"));
+            let output = String::from_utf8(output.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(output.contains("\x1b["), ansi, "ansi {ansi}: {output:?}");
+        }
+        assert!(!colour(false), "no colours off a terminal");
     }
 }

@@ -421,12 +421,15 @@ fn fenced_blocks(markdown: &str) -> Vec<(String, String)> {
     blocks
 }
 
+/// How the README runs grpcurl: the script that installs it on first use.
+const README_GRPCURL: &str = "scripts/grpcurl ";
+
 /// Every `sh` block that runs grpcurl, with the output block that must follow it.
 fn readme_examples(markdown: &str) -> Vec<Example> {
     let blocks = fenced_blocks(markdown);
     let mut examples = Vec::new();
     for (i, (info, body)) in blocks.iter().enumerate() {
-        if info != "sh" || !body.trim_start().starts_with("grpcurl ") {
+        if info != "sh" || !body.trim_start().starts_with(README_GRPCURL) {
             continue;
         }
         let Some((kind, expected)) = blocks
@@ -479,8 +482,9 @@ async fn readme_grpcurl_examples() {
         let command = example
             .command
             .replace(README_ADDR, &server.addr.to_string());
+        // From the repository root, as the README's commands are.
         let mut sh = Command::new("sh");
-        sh.args(["-c", &command]);
+        sh.args(["-c", &command]).current_dir(MANIFEST_DIR);
         let out = output_of(sh).await;
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
         let context = format!(
@@ -511,7 +515,7 @@ cargo run --release
 ```
 
 ```sh
-grpcurl -plaintext -d '{\"id\": 1}' \\
+scripts/grpcurl -plaintext -d '{\"id\": 1}' \\
   localhost:1234 UserManager/GetUser
 ```
 
@@ -520,7 +524,7 @@ grpcurl -plaintext -d '{\"id\": 1}' \\
 ```
 
 ```sh
-grpcurl -plaintext localhost:1234 list
+scripts/grpcurl -plaintext localhost:1234 list
 ```
 ```text
 UserManager
@@ -535,12 +539,12 @@ UserManager
         summary,
         [
             (
-                "grpcurl -plaintext -d '{\"id\": 1}' \\\n  localhost:1234 UserManager/GetUser\n",
+                "scripts/grpcurl -plaintext -d '{\"id\": 1}' \\\n  localhost:1234 UserManager/GetUser\n",
                 "json",
                 "{\"user\": {}}\n"
             ),
             (
-                "grpcurl -plaintext localhost:1234 list\n",
+                "scripts/grpcurl -plaintext localhost:1234 list\n",
                 "text",
                 "UserManager\n"
             ),
@@ -551,7 +555,7 @@ UserManager
 #[test]
 #[should_panic(expected = "is not followed by a json or text output block")]
 fn a_readme_example_without_its_output_is_an_error() {
-    readme_examples("```sh\ngrpcurl -plaintext localhost:1234 list\n```\n");
+    readme_examples("```sh\nscripts/grpcurl -plaintext localhost:1234 list\n```\n");
 }
 
 /// The body of the README section under `heading` (up to the next `## `).

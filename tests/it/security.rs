@@ -2,8 +2,9 @@
 //! certificates rotated while serving (by polling and on SIGHUP), startup
 //! errors for bad files, the plaintext health-only listener, bearer tokens
 //! and client-certificate subjects as scopes, secrets kept out of the logs
-//! and `user-manager config`, the `healthcheck` TLS flags, the TLS deployment
-//! variants, and the supply-chain policy. Certificates are made per test.
+//! and `user-manager config`, the `healthcheck` TLS flags and the TLS
+//! deployment variants. Certificates are made per test. (The supply-chain policy,
+//! `cargo deny`, is a step of .ci/run: it needs a tool, not the server.)
 
 use std::{
     collections::BTreeMap,
@@ -1085,30 +1086,4 @@ fn the_compose_tls_variant_mounts_its_files_and_keeps_the_healthcheck_in_plainte
         "{test:?}"
     );
     assert_ne!(health.port(), 1234);
-}
-
-// ---------------------------------------------------------------- supply chain
-
-#[test]
-fn dependencies_pass_cargo_deny_licenses_bans_and_sources() {
-    // Every platform's crates must be in the local cache for an offline run;
-    // a no-op when they are.
-    run_tool(
-        env!("CARGO"),
-        &["fetch", "--locked"],
-        "cargo fetches from crates.io",
-    );
-    run_tool(
-        env!("CARGO"),
-        &[
-            "deny",
-            "--offline",
-            "--locked",
-            "check",
-            "licenses",
-            "bans",
-            "sources",
-        ],
-        ".ci/run installs it: cargo install --locked cargo-deny",
-    );
 }
