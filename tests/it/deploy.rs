@@ -77,7 +77,7 @@ fn the_compose_file_passes_docker_compose_config() {
         run_tool(
             "docker-compose",
             &["-f", "deploy/compose.yaml", "config", "-q"],
-            ".ci/run installs Debian's docker-compose (apt-get install docker-compose)",
+            "scripts/test installs it into target/compose-venv (tests/requirements-compose.txt)",
         ),
     );
 }

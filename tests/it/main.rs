@@ -17,6 +17,7 @@ mod api;
 mod deploy;
 mod e2e;
 mod k8s;
+mod newcomer;
 mod ops;
 mod safety;
 mod security;

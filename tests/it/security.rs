@@ -1027,7 +1027,8 @@ fn the_compose_tls_variant_mounts_its_files_and_keeps_the_healthcheck_in_plainte
         "deploy/compose.tls.yaml",
         "config",
     ];
-    let comes_from = ".ci/run installs Debian's docker-compose";
+    let comes_from =
+        "scripts/test installs it into target/compose-venv (tests/requirements-compose.txt)";
     run_tool(
         "docker-compose",
         &[&files[..], &["-q"]].concat(),

@@ -4,23 +4,22 @@
 //! value came from), `--help`, `user-manager config`, and the scripts the
 //! README's quick start and test section use.
 
-mod common;
-
 use std::{
     path::Path,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{BINARY, free_port, health_status};
+use crate::common::{
+    BINARY, health_status,
+    process::{READY, connectable, logged_listen},
+    refusing_addr,
+    tools::text,
+};
 use tonic_health::pb::health_check_response::ServingStatus;
 use user_manager::proto::{UserRequest, user_manager_client::UserManagerClient};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// The binary as a newcomer runs it: from `dir` (no config/, no seed/), with
 /// only PATH and `env` in its environment, stdout and stderr captured.
@@ -51,21 +50,30 @@ fn count(haystack: &str, needle: &str) -> usize {
 async fn the_binary_serves_the_embedded_seed_from_an_empty_directory() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("stdout.log");
-    let addr = format!("127.0.0.1:{}", free_port());
-    // The defaults alone, but the port: the database lands in ./data, the
-    // seed is the one compiled in, and the log is "pretty" into a file.
+    // The defaults alone, but the port (0: the binary reports the one it
+    // bound in its log): the database lands in ./data, the seed is the one
+    // compiled in, and the log is "pretty" into a file.
     let mut child = binary_in(
         dir.path(),
         &[],
-        &[("USER_MANAGER__SERVER__LISTEN", addr.as_str())],
+        &[("USER_MANAGER__SERVER__LISTEN", "127.0.0.1:0")],
     )
     .stdout(std::fs::File::create(&log_path).unwrap())
     .stderr(Stdio::piped())
     .spawn()
     .expect("starts user-manager");
-    let url = format!("http://{addr}");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while health_status(&url, "").await != Some(ServingStatus::Serving) {
+    let mut url = None;
+    while url.is_none()
+        || health_status(url.as_deref().unwrap(), "").await != Some(ServingStatus::Serving)
+    {
+        url = url.or_else(|| {
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|line| logged_listen(line, READY))
+                .map(|addr| format!("http://{}", connectable(addr)))
+        });
         if let Some(status) = child.try_wait().unwrap() {
             let out = child.wait_with_output().unwrap();
             panic!(
@@ -77,7 +85,7 @@ async fn the_binary_serves_the_embedded_seed_from_an_empty_directory() {
         assert!(Instant::now() < deadline, "not SERVING within 20 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut client = UserManagerClient::connect(url).await.unwrap();
+    let mut client = UserManagerClient::connect(url.unwrap()).await.unwrap();
     let user = client
         .get_user(UserRequest { id: 1 })
         .await
@@ -132,8 +140,9 @@ fn a_fatal_startup_error_is_reported_once() {
 #[test]
 fn a_failed_healthcheck_names_each_cause_once_and_what_to_check() {
     let dir = tempfile::tempdir().unwrap();
-    // Nothing listens there: free_port's listener is gone.
-    let addr = format!("127.0.0.1:{}", free_port());
+    // Nothing listens there: the port is bound by a socket that never listens.
+    let (_held, addr) = refusing_addr();
+    let addr = addr.to_string();
     let out = run_in(dir.path(), &["healthcheck", "--addr", &addr], &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
