@@ -1,24 +1,21 @@
 //! user-manager: the UserManager gRPC service over SQLite.
 //!
-//! `main.rs` only wires the command line to [`server::Application`]; tests go
+//! `main.rs` only wires the command line to [`app::Application`]; tests go
 //! through the same `Application::build` path.
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
-pub mod codec;
+pub mod app;
 pub mod config;
-pub mod deadline;
 pub mod domain;
 pub mod error;
+pub mod grpc;
 pub mod health;
-pub mod limits;
-pub mod proto;
-pub mod rpc_trace;
 pub mod seed;
-pub mod server;
-pub mod service;
-pub mod shutdown;
 pub mod store;
 pub mod telemetry;
-pub mod tls;
+
+// The paths main.rs, config and the tests use; they can go once those name
+// `app` and `grpc::…` directly.
+pub use app as server;
+pub use grpc::{middleware::auth, proto};

@@ -37,7 +37,7 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::{config::LimitsSettings, deadline::UNARY};
+use crate::{config::LimitsSettings, grpc::middleware::deadline::UNARY};
 
 impl LimitsSettings {
     /// What serde can't check; the error names the key.

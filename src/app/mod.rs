@@ -10,17 +10,22 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{pb::health_server::HealthServer, server::HealthService};
 
 use crate::{
-    auth::{AuthLayer, Authorizer},
     config::Settings,
-    deadline::DeadlineLayer,
+    grpc::{
+        middleware::{
+            auth::{AuthLayer, Authorizer},
+            deadline::DeadlineLayer,
+            drain::drain_pair,
+            limits,
+            trace::RpcTraceLayer,
+        },
+        proto::{self, user_manager_server::UserManagerServer},
+        service::UserManagerService,
+        tls::{self, ReloadingTls},
+    },
     health::Health,
-    limits,
-    proto::{self, user_manager_server::UserManagerServer},
     seed,
-    service::UserManagerService,
-    shutdown::drain_pair,
     store::{SeedOutcome, SqliteStore, UserStore},
-    tls::{self, ReloadingTls},
 };
 
 /// Opens the database, brings its schema up to date and imports the seed
@@ -141,7 +146,7 @@ impl Application {
         .max_encoding_message_size(limits.max_message_bytes);
         let (stop_accepting, stopped_accepting) = oneshot::channel::<()>();
         let router = limits::apply(Server::builder(), limits)
-            .layer(crate::rpc_trace::RpcTraceLayer::new())
+            .layer(RpcTraceLayer::new())
             .layer(AuthLayer::new(self.authorizer.clone()))
             .layer(limits::LimitsLayer::new(limits))
             .layer(DeadlineLayer::new(ms(server_settings.request_timeout_ms)))

@@ -27,7 +27,7 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::{config::AuthSettings, tls::subject_names};
+use crate::{config::AuthSettings, grpc::tls::subject_names};
 
 /// The RPCs under this prefix are checked.
 const SERVICE_PREFIX: &str = "/UserManager/";

@@ -9,9 +9,11 @@ use tracing::Instrument;
 
 use crate::{
     domain::{TypeFilter, User, UserId, UserType},
+    grpc::{
+        middleware::drain::Drain,
+        proto::{self, UserCntResponse, UserRequest, UserResponse, UserTypeRequest},
+    },
     health::Health,
-    proto::{self, UserCntResponse, UserRequest, UserResponse, UserTypeRequest},
-    shutdown::Drain,
     store::{AddOutcome, StoreError, UserStore},
 };
 
