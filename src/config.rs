@@ -139,6 +139,7 @@ pub struct LimitsSettings {
     pub keepalive_timeout_ms: u64,
     pub max_connection_age_ms: u64,
     pub max_connection_age_grace_ms: u64,
+    pub max_concurrent_tls_handshakes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
