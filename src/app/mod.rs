@@ -116,9 +116,10 @@ impl Application {
 
         let limits = &settings.limits;
         let (drain_trigger, drain) = drain_pair();
-        let service = UserManagerServer::new(UserManagerService::new(store.clone(), health.clone()))
-            .max_decoding_message_size(limits.max_message_bytes)
-            .max_encoding_message_size(limits.max_message_bytes);
+        let service =
+            UserManagerServer::new(UserManagerService::new(store.clone(), health.clone()))
+                .max_decoding_message_size(limits.max_message_bytes)
+                .max_encoding_message_size(limits.max_message_bytes);
         // Outermost first: the trace sees every status the layers inside it
         // answer with; the drain is innermost, so every layer sees its end.
         let router = limits::apply(Server::builder(), limits)
@@ -249,7 +250,9 @@ impl Application {
         let served = match tokio::time::timeout(drain_timeout, &mut serving).await {
             Ok(result) => result.context("server task")?.context("serving gRPC"),
             Err(_) => {
-                tracing::warn!("drain deadline passed, ending the remaining calls with UNAVAILABLE");
+                tracing::warn!(
+                    "drain deadline passed, ending the remaining calls with UNAVAILABLE"
+                );
                 drain_trigger.fire();
                 // Long enough for ended calls to send their UNAVAILABLE;
                 // whatever is still open after it (a Watch, a silent

@@ -52,8 +52,18 @@ mod tests {
         assert_eq!(
             table,
             [
-                ("/UserManager/GetUser", "GetUser", "UserManager/GetUser", CallKind::Unary),
-                ("/UserManager/AddUser", "AddUser", "UserManager/AddUser", CallKind::Unary),
+                (
+                    "/UserManager/GetUser",
+                    "GetUser",
+                    "UserManager/GetUser",
+                    CallKind::Unary
+                ),
+                (
+                    "/UserManager/AddUser",
+                    "AddUser",
+                    "UserManager/AddUser",
+                    CallKind::Unary
+                ),
                 (
                     "/UserManager/CountAlreadyUsers",
                     "CountAlreadyUsers",

@@ -118,4 +118,3 @@ async fn next_tick(ticks: &mut Option<tokio::time::Interval>) {
         None => std::future::pending().await,
     }
 }
-

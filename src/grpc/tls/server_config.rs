@@ -38,7 +38,10 @@ impl Files {
 }
 
 /// A checked configuration from the files, and a description of the leaf.
-pub(super) fn build(settings: &TlsSettings, files: &Files) -> anyhow::Result<(Arc<ServerConfig>, String)> {
+pub(super) fn build(
+    settings: &TlsSettings,
+    files: &Files,
+) -> anyhow::Result<(Arc<ServerConfig>, String)> {
     let cert_path = settings.cert_path.display();
     let key_path = settings.key_path.display();
     let chain = CertificateDer::pem_slice_iter(&files.cert)
@@ -106,4 +109,3 @@ fn describe(leaf: &CertificateDer<'_>) -> anyhow::Result<String> {
         tbs.subject, tbs.serial_number
     ))
 }
-

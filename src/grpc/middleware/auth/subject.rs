@@ -47,4 +47,3 @@ fn directory_string(value: &Any) -> Option<String> {
         _ => None,
     }
 }
-

@@ -108,4 +108,3 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Aged<IO> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
-

@@ -23,4 +23,3 @@ pub fn apply<L>(server: Server<L>, limits: &LimitsSettings) -> Server<L> {
         None => server,
     }
 }
-

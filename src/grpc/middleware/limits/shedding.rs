@@ -52,17 +52,12 @@ impl Shedder {
             None => None,
         };
         let stream = if streaming {
-            Some(
-                self.open_streams
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| {
-                        Status::resource_exhausted(format!(
-                            "too many open streams on this server (at most {}); retry later",
-                            self.max_open_streams
-                        ))
-                    })?,
-            )
+            Some(self.open_streams.clone().try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "too many open streams on this server (at most {}); retry later",
+                    self.max_open_streams
+                ))
+            })?)
         } else {
             None
         };
@@ -135,4 +130,3 @@ pub(super) struct Permits {
     _connection: Option<ConnectionPermit>,
     _stream: Option<OwnedSemaphorePermit>,
 }
-
