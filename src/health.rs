@@ -1,4 +1,5 @@
-//! Health that tells the truth. Readiness ("", "UserManager", "readiness")
+//! Health that tells the truth. Readiness ("", the service's own name, e.g.
+//! "UserManager", and "readiness")
 //! follows a periodic database check and goes NOT_SERVING for good at
 //! shutdown; liveness ("liveness") stays SERVING while the process can answer,
 //! so a database outage takes the pod out of rotation without a restart loop.
@@ -20,14 +21,17 @@ use tonic_health::{
 
 use crate::store::UserStore;
 
-/// Health names that follow the database and shutdown.
-pub const READINESS: [&str; 3] = ["", "UserManager", "readiness"];
+/// Health names that follow the database and shutdown, besides the served
+/// service's own name.
+pub const READINESS: [&str; 2] = ["", "readiness"];
 /// Health name for liveness probes.
 pub const LIVENESS: &str = "liveness";
 
 #[derive(Clone)]
 pub struct Health {
     reporter: HealthReporter,
+    /// [`READINESS`] and the served service's name.
+    readiness: [&'static str; 3],
     state: Arc<State>,
 }
 
@@ -43,9 +47,12 @@ struct State {
 
 impl Health {
     /// Readiness starts NOT_SERVING: nothing is ready until the store is.
-    pub async fn new() -> (Self, HealthServer<HealthService>) {
+    /// `service` is the served service's name (the proto's, which the
+    /// composition passes in), so clients can ask for it by name.
+    pub async fn new(service: &'static str) -> (Self, HealthServer<HealthService>) {
         let reporter = HealthReporter::new();
-        for name in READINESS {
+        let readiness = [READINESS[0], service, READINESS[1]];
+        for name in readiness {
             reporter
                 .set_service_status(name, ServingStatus::NotServing)
                 .await;
@@ -56,6 +63,7 @@ impl Health {
         let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
         let health = Self {
             reporter,
+            readiness,
             state: Arc::default(),
         };
         (health, server)
@@ -103,7 +111,7 @@ impl Health {
         } else {
             ServingStatus::NotServing
         };
-        for name in READINESS {
+        for name in self.readiness {
             self.reporter.set_service_status(name, status).await;
         }
     }

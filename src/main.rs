@@ -10,8 +10,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use user_manager::{
+    app::{Application, prepare_store},
     config::{Settings, Sources},
-    server::{Application, prepare_store},
     store::UserStore,
     telemetry,
 };

@@ -158,7 +158,7 @@ impl From<&str> for Secret {
     }
 }
 
-/// Resource limits; documented in `config/default.toml`, applied by `crate::limits`.
+/// Resource limits; documented in `config/default.toml`, applied by `crate::grpc::middleware::limits`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSettings {
@@ -186,6 +186,7 @@ pub struct LimitsSettings {
     pub max_connection_age_ms: u64,
     #[serde(deserialize_with = "whole")]
     pub max_connection_age_grace_ms: u64,
+    pub max_concurrent_tls_handshakes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

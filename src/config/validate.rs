@@ -2,7 +2,7 @@
 //! is `(key, problem)`; [`super::ConfigError::setting`] adds the value and
 //! where it came from.
 
-use super::Settings;
+use super::{LimitsSettings, Settings};
 
 /// The shortest token accepted: guessing one is out of reach.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -39,13 +39,7 @@ impl Settings {
         if self.database.max_connections == 0 {
             return bad("database.max_connections", "must be at least 1");
         }
-        // Its message starts with the key: `limits.KEY: why`.
-        if let Err(e) = self.limits.check() {
-            return match e.split_once(": ") {
-                Some((key, why)) => bad(key, why),
-                None => bad("limits", e),
-            };
-        }
+        self.limits.validate()?;
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             return bad(
                 "log.level",
@@ -108,6 +102,49 @@ impl Settings {
                 "auth.enabled",
                 "no credential could pass: set auth.tokens_file, auth.read_tokens, \
                  auth.write_tokens, auth.read_subjects or auth.write_subjects",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl LimitsSettings {
+    fn validate(&self) -> Result<(), Invalid> {
+        // A valid User (64 four-byte characters, a 254-byte address) encodes
+        // to about 530 bytes; a smaller limit would refuse valid requests.
+        const SMALLEST_MESSAGE_LIMIT: usize = 1024;
+        if self.max_message_bytes < SMALLEST_MESSAGE_LIMIT {
+            return bad(
+                "limits.max_message_bytes",
+                format!("must be at least {SMALLEST_MESSAGE_LIMIT}"),
+            );
+        }
+        for (key, value) in [
+            (
+                "limits.max_concurrent_streams",
+                self.max_concurrent_streams as usize,
+            ),
+            (
+                "limits.max_calls_per_connection",
+                self.max_calls_per_connection,
+            ),
+            ("limits.max_open_streams", self.max_open_streams),
+            (
+                "limits.max_concurrent_tls_handshakes",
+                self.max_concurrent_tls_handshakes,
+            ),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if self.max_calls_per_connection > self.max_concurrent_streams as usize {
+            return bad(
+                "limits.max_calls_per_connection",
+                format!(
+                    "{} is more than limits.max_concurrent_streams ({}), so it could never shed",
+                    self.max_calls_per_connection, self.max_concurrent_streams
+                ),
             );
         }
         Ok(())

@@ -7,7 +7,7 @@ use tempfile::TempDir;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 use user_manager::{
-    config::Settings, proto::user_manager_client::UserManagerClient, server::Application,
+    app::Application, config::Settings, proto::user_manager_client::UserManagerClient,
 };
 
 use super::SEED;

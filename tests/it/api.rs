@@ -377,7 +377,7 @@ async fn a_malformed_seed_fails_startup_and_leaves_no_database() {
     .unwrap();
     let mut settings = common::test_settings(dir.path());
     settings.seed.path = seed.clone();
-    let err = user_manager::server::Application::build(settings)
+    let err = user_manager::app::Application::build(settings)
         .await
         .err()
         .expect("startup fails")

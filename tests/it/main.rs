@@ -15,12 +15,14 @@ mod common;
 mod abuse;
 mod api;
 mod deploy;
+mod drain;
 mod e2e;
 mod k8s;
 mod newcomer;
 mod ops;
 mod safety;
 mod security;
+mod tls_flood;
 mod traces;
 
 /// The harness reads the addresses the binary bound from its log.

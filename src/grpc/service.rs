@@ -9,9 +9,8 @@ use tracing::Instrument;
 
 use crate::{
     domain::{TypeFilter, User, UserId, UserType},
+    grpc::proto::{self, UserCntResponse, UserRequest, UserResponse, UserTypeRequest},
     health::Health,
-    proto::{self, UserCntResponse, UserRequest, UserResponse, UserTypeRequest},
-    shutdown::Drain,
     store::{AddOutcome, StoreError, UserStore},
 };
 
@@ -23,19 +22,16 @@ const TYPE_PAGE: u32 = 512;
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<UserResponse, Status>> + Send>>;
 
+/// The handlers. Calls still open at the drain deadline are ended by
+/// `middleware::drain`, not here.
 pub struct UserManagerService<S> {
     store: S,
     health: Health,
-    drain: Drain,
 }
 
 impl<S: UserStore> UserManagerService<S> {
-    pub fn new(store: S, health: Health, drain: Drain) -> Self {
-        Self {
-            store,
-            health,
-            drain,
-        }
+    pub fn new(store: S, health: Health) -> Self {
+        Self { store, health }
     }
 
     /// Refuses calls while the readiness check can't read the database:
@@ -87,16 +83,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         self.available()?;
         let mut batches = request.into_inner().ready_chunks(ID_BATCH);
         let mut count: u64 = 0;
-        let drained = self.drain.clone().fired();
-        tokio::pin!(drained);
-        loop {
-            let batch = tokio::select! {
-                () = &mut drained => return Err(Drain::status()),
-                batch = batches.next() => match batch {
-                    Some(batch) => batch,
-                    None => break,
-                },
-            };
+        while let Some(batch) = batches.next().await {
             let (ids, failed) = split_batch(batch);
             if !ids.is_empty() {
                 count += self.store.count_existing(&ids).await?;
@@ -157,7 +144,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
                 }
             })
             .try_flatten();
-        Ok(Response::new(Box::pin(self.drain.guard(answers))))
+        Ok(Response::new(Box::pin(answers)))
     }
 }
 

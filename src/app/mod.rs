@@ -1,26 +1,34 @@
 //! Composition: the store prepared (migrations, seed), the UserManager
-//! service next to health and reflection, and the server run until a
-//! shutdown signal.
+//! service next to health and reflection behind the middleware, all built
+//! by `Application::build`; then served until a shutdown signal.
+
+mod signals;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use tokio::{net::TcpListener, sync::oneshot, task::AbortHandle};
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::{pb::health_server::HealthServer, server::HealthService};
 
 use crate::{
-    auth::{AuthLayer, Authorizer},
     config::Settings,
-    deadline::DeadlineLayer,
+    grpc::{
+        methods::Method,
+        middleware::{
+            auth::{AuthLayer, Authorizer},
+            deadline::DeadlineLayer,
+            drain::{DrainLayer, DrainTrigger, drain_pair},
+            limits,
+            trace::RpcTraceLayer,
+        },
+        proto::{self, user_manager_server::UserManagerServer},
+        service::UserManagerService,
+        tls::{self, ReloadingTls},
+    },
     health::Health,
-    limits,
-    proto::{self, user_manager_server::UserManagerServer},
     seed,
-    service::UserManagerService,
-    shutdown::drain_pair,
     store::{SeedOutcome, SqliteStore, UserStore},
-    tls::{self, ReloadingTls},
 };
 
 /// Opens the database, brings its schema up to date and imports the seed
@@ -46,22 +54,31 @@ pub async fn prepare_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
     Ok(store)
 }
 
+/// The server, built and ready: everything that can fail has been
+/// constructed (store, listeners, TLS, authorization, reflection, the
+/// layered router); running only serves and shuts down.
 pub struct Application {
-    listener: TcpListener,
     local_addr: SocketAddr,
-    store: SqliteStore,
     settings: Settings,
+    store: SqliteStore,
     health: Health,
-    health_server: HealthServer<HealthService>,
+    /// The gRPC server on `server.listen`, not yet polled.
+    serving: Serving,
+    /// Closes `server.listen` (tonic then drains its connections).
+    stop_accepting: oneshot::Sender<()>,
+    /// Ends the calls still open at the drain deadline.
+    drain_trigger: DrainTrigger,
     /// `server.health_listen`: plaintext, the health service only.
-    health_listener: Option<TcpListener>,
+    health_only: Option<Serving>,
     tls: Option<Arc<ReloadingTls>>,
-    authorizer: Option<Arc<Authorizer>>,
 }
 
+type Serving = BoxFuture<'static, Result<(), tonic::transport::Error>>;
+
 impl Application {
-    /// Prepares the store and binds the listener; the port is known (and
-    /// connectable) when this returns, so tests can bind port 0.
+    /// Prepares the store, binds the listeners and builds the server; the
+    /// port is known (and connectable) when this returns, so tests can bind
+    /// port 0.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         // Certificate and token files are checked before the database is touched.
         let tls_settings = &settings.server.tls;
@@ -70,6 +87,16 @@ impl Application {
             .then(|| ReloadingTls::load(tls_settings))
             .transpose()?;
         let authorizer = Authorizer::from_settings(&settings.auth)?;
+        // v1 for newer grpcurl (it tries v1 first), v1alpha for grpcurl up to
+        // 1.8.7 and evans, which speak only that.
+        let (reflection_v1, reflection_v1alpha) = if settings.reflection.enabled {
+            (
+                Some(reflection().build_v1()?),
+                Some(reflection().build_v1alpha()?),
+            )
+        } else {
+            (None, None)
+        };
         let store = prepare_store(&settings).await?;
         let listener = TcpListener::bind(settings.server.listen)
             .await
@@ -85,23 +112,67 @@ impl Application {
             }
             None => None,
         };
-        let (health, health_server) = Health::new().await;
+        let (health, health_server) = Health::new(Method::SERVICE).await;
         health.set_database_ok(store.check().await.is_ok()).await;
+
+        let limits = &settings.limits;
+        let (drain_trigger, drain) = drain_pair();
+        let service =
+            UserManagerServer::new(UserManagerService::new(store.clone(), health.clone()))
+                .max_decoding_message_size(limits.max_message_bytes)
+                .max_encoding_message_size(limits.max_message_bytes);
+        // Outermost first: the trace sees every status the layers inside it
+        // answer with; the drain is innermost, so every layer sees its end.
+        let router = limits::apply(Server::builder(), limits)
+            .layer(RpcTraceLayer::new())
+            .layer(AuthLayer::new(authorizer))
+            .layer(limits::LimitsLayer::new(limits))
+            .layer(DeadlineLayer::new(ms(settings.server.request_timeout_ms)))
+            .layer(DrainLayer::new(drain))
+            .add_service(health_server.clone())
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
+            .add_service(service);
+        let (stop_accepting, stopped_accepting) = oneshot::channel::<()>();
+        let stop = async {
+            let _ = stopped_accepting.await;
+        };
+        let serving: Serving = match tls.clone() {
+            Some(tls) => {
+                let incoming = tls::incoming(listener, tls, limits.max_concurrent_tls_handshakes);
+                let incoming = limits::with_max_age(incoming, limits);
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let incoming = limits::with_max_age(incoming, limits);
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+        };
+        let health_only = health_listener.map(|listener| -> Serving {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            Box::pin(
+                limits::apply(Server::builder(), limits)
+                    .layer(limits::LimitsLayer::new(limits))
+                    .add_service(health_server)
+                    .serve_with_incoming(limits::with_max_age(incoming, limits)),
+            )
+        });
         tracing::info!(
             listen = %local_addr,
             database = %settings.database.url,
             "user-manager ready to serve"
         );
         Ok(Self {
-            listener,
             local_addr,
-            store,
             settings,
+            store,
             health,
-            health_server,
-            health_listener,
+            serving,
+            stop_accepting,
+            drain_trigger,
+            health_only,
             tls,
-            authorizer,
         })
     }
 
@@ -111,72 +182,32 @@ impl Application {
 
     /// Serves until SIGTERM or SIGINT.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.run_until(shutdown_signal()).await
+        self.run_until(signals::shutdown_signal()).await
     }
 
     /// Serves until `shutdown` completes, then shuts down in bounded time:
     /// readiness NOT_SERVING at once, the lame-duck delay, the listener
     /// closed, in-flight calls drained up to the drain deadline, remaining
-    /// streams cancelled with UNAVAILABLE, the store closed.
+    /// calls ended with UNAVAILABLE, the store closed.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let server_settings = &self.settings.server;
-        let (drain_trigger, drain) = drain_pair();
-        // v1 for newer grpcurl (it tries v1 first), v1alpha for grpcurl up to
-        // 1.8.7 and evans, which speak only that.
-        let (reflection_v1, reflection_v1alpha) = if self.settings.reflection.enabled {
-            (
-                Some(reflection().build_v1()?),
-                Some(reflection().build_v1alpha()?),
-            )
-        } else {
-            (None, None)
-        };
-        let limits = &self.settings.limits;
-        let service = UserManagerServer::new(UserManagerService::new(
-            self.store.clone(),
-            self.health.clone(),
-            drain,
-        ))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
-        let (stop_accepting, stopped_accepting) = oneshot::channel::<()>();
-        let router = limits::apply(Server::builder(), limits)
-            .layer(crate::rpc_trace::RpcTraceLayer::new())
-            .layer(AuthLayer::new(self.authorizer.clone()))
-            .layer(limits::LimitsLayer::new(limits))
-            .layer(DeadlineLayer::new(ms(server_settings.request_timeout_ms)))
-            .add_service(self.health_server.clone())
-            .add_optional_service(reflection_v1)
-            .add_optional_service(reflection_v1alpha)
-            .add_service(service);
-        let stop = async {
-            let _ = stopped_accepting.await;
-        };
-        let mut serving = match self.tls.clone() {
-            Some(tls) => {
-                let incoming = tls::incoming(self.listener, tls);
-                let incoming = limits::with_max_age(incoming, limits);
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-            }
-            None => {
-                let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-                let incoming = limits::with_max_age(incoming, limits);
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-            }
-        };
-        let checker = self.health.spawn_checker(
-            self.store.clone(),
-            ms(self.settings.health.check_interval_ms),
-        );
+        let Self {
+            settings,
+            store,
+            health,
+            serving,
+            stop_accepting,
+            drain_trigger,
+            health_only,
+            tls,
+            ..
+        } = self;
+        let server_settings = &settings.server;
+        let mut serving = tokio::spawn(serving);
+        let checker = health.spawn_checker(store.clone(), ms(settings.health.check_interval_ms));
         // Until this function returns: probes keep their answers through the
         // drain, and certificates keep reloading.
         let mut background = AbortOnDrop(Vec::new());
-        if let Some(listener) = self.health_listener {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            let health_only = limits::apply(Server::builder(), limits)
-                .layer(limits::LimitsLayer::new(limits))
-                .add_service(self.health_server)
-                .serve_with_incoming(limits::with_max_age(incoming, limits));
+        if let Some(health_only) = health_only {
             background.0.push(
                 tokio::spawn(async move {
                     if let Err(e) = health_only.await {
@@ -186,11 +217,12 @@ impl Application {
                 .abort_handle(),
             );
         }
-        if let Some(tls) = &self.tls {
+        if let Some(tls) = tls {
             let interval = ms(server_settings.tls.reload_interval_ms);
-            background
-                .0
-                .push(tls.clone().spawn_reloader(interval).abort_handle());
+            background.0.push(
+                tls.spawn_reloader(interval, signals::reload_requests())
+                    .abort_handle(),
+            );
         }
 
         tokio::pin!(shutdown);
@@ -200,11 +232,11 @@ impl Application {
         };
         checker.abort();
         if let Some(result) = ended_early {
-            self.store.close().await;
+            store.close().await;
             return result.context("server task")?.context("serving gRPC");
         }
 
-        self.health.shutting_down().await;
+        health.shutting_down().await;
         let lame_duck = ms(server_settings.lame_duck_ms);
         if !lame_duck.is_zero() {
             tracing::info!(
@@ -219,9 +251,11 @@ impl Application {
         let served = match tokio::time::timeout(drain_timeout, &mut serving).await {
             Ok(result) => result.context("server task")?.context("serving gRPC"),
             Err(_) => {
-                tracing::warn!("drain deadline passed, cancelling the remaining calls");
+                tracing::warn!(
+                    "drain deadline passed, ending the remaining calls with UNAVAILABLE"
+                );
                 drain_trigger.fire();
-                // Long enough for cancelled streams to send their UNAVAILABLE;
+                // Long enough for ended calls to send their UNAVAILABLE;
                 // whatever is still open after it (a Watch, a silent
                 // connection) is dropped.
                 if tokio::time::timeout(FINAL_FLUSH, &mut serving)
@@ -233,7 +267,7 @@ impl Application {
                 Ok(())
             }
         };
-        self.store.close().await;
+        store.close().await;
         tracing::info!("shutdown complete");
         served
     }
@@ -263,32 +297,4 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-}
-
-/// Resolves on SIGTERM (how orchestrators stop us) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "can't listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "can't listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        () = terminate => tracing::info!("SIGTERM received, shutting down"),
-    }
 }

@@ -12,7 +12,7 @@ use tonic::{
 };
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
-use crate::proto;
+use crate::grpc::proto;
 
 /// How a message of this type that fails to parse is answered: requests
 /// are the client's fault; responses (decoded by the generated client) stay

@@ -27,14 +27,13 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::{config::AuthSettings, tls::subject_names};
+mod subject;
 
-/// The RPCs under this prefix are checked.
-const SERVICE_PREFIX: &str = "/UserManager/";
-/// The RPCs that need the write scope.
-const WRITE_METHODS: [&str; 1] = ["AddUser"];
-/// Shorter tokens could be guessed.
-const MIN_TOKEN_LEN: usize = 16;
+use crate::{
+    config::{AuthSettings, check_token},
+    grpc::methods::Method,
+};
+use subject::subject_names;
 
 /// What a credential allows; `Write` includes `Read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,6 +43,18 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// The scope each RPC needs. No wildcard: a new RPC in the proto does
+    /// not compile until its scope is chosen here.
+    pub const fn needed_by(method: Method) -> Scope {
+        match method {
+            Method::AddUser => Scope::Write,
+            Method::GetUser
+            | Method::CountAlreadyUsers
+            | Method::GetUsersByType
+            | Method::GetUsersByIds => Scope::Read,
+        }
+    }
+
     fn from_code(code: u8) -> Option<Self> {
         match code {
             1 => Some(Scope::Read),
@@ -60,18 +71,6 @@ impl fmt::Display for Scope {
             Scope::Write => "write",
         })
     }
-}
-
-/// Whether `token` may be used: long enough, and visible ASCII only, as HTTP
-/// header values are. The reason never quotes the token.
-pub fn check_token(token: &str) -> Result<(), String> {
-    if token.len() < MIN_TOKEN_LEN {
-        return Err(format!("a token needs at least {MIN_TOKEN_LEN} characters"));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("a token is visible ASCII characters only (no spaces)".into());
-    }
-    Ok(())
 }
 
 type TokenDigest = [u8; 32];
@@ -127,10 +126,17 @@ impl Authorizer {
                 "auth.enabled: no token or subject is configured, so every call would be refused"
             );
         }
+        let needs_write: Vec<&str> = Method::ALL
+            .into_iter()
+            .filter(|m| Scope::needed_by(*m) == Scope::Write)
+            .map(Method::name)
+            .collect();
         tracing::info!(
             tokens = tokens.len(),
             subjects = subjects.len(),
-            "authorization on: AddUser needs the write scope, the other UserManager RPCs read"
+            write_scope = ?needs_write,
+            "authorization on: these RPCs need the write scope, the others of {} read",
+            Method::SERVICE
         );
         Ok(Some(Arc::new(Authorizer {
             tokens: tokens.into_iter().collect(),
@@ -165,13 +171,16 @@ impl Authorizer {
 
     /// Ok if the call may go ahead; the refusal otherwise.
     pub fn authorize<B>(&self, request: &http::Request<B>) -> Result<(), Status> {
-        let Some(method) = request.uri().path().strip_prefix(SERVICE_PREFIX) else {
-            return Ok(());
-        };
-        let needed = if WRITE_METHODS.contains(&method) {
-            Scope::Write
-        } else {
-            Scope::Read
+        let path = request.uri().path();
+        // Health and reflection are not checked. A path under our service
+        // that names no method needs `read`, so an unauthenticated caller
+        // learns nothing about which methods exist.
+        let (method, needed) = match Method::from_path(path) {
+            Some(method) => (method.name(), Scope::needed_by(method)),
+            None => match path.strip_prefix(Method::PATH_PREFIX) {
+                Some(unknown) => (unknown, Scope::Read),
+                None => return Ok(()),
+            },
         };
         let token_scope = match bearer_token(request.headers())? {
             Some(token) => Some(

@@ -14,7 +14,7 @@
 //! untouched, and so does everything when no exporter is installed.
 
 use std::{
-    pin::Pin,
+    ops::ControlFlow,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -23,25 +23,21 @@ use std::{
 };
 
 use futures::future::{BoxFuture, Either};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::Body as _;
 use opentelemetry::propagation::Extractor;
-use tonic::{Code, Status, body::Body, codegen::Bytes};
+use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-const SERVICE: &str = "UserManager";
-const PATH_PREFIX: &str = "/UserManager/";
-/// `rpc.method` and span name of each method, so no request allocates them.
-const METHODS: [(&str, &str); 5] = [
-    ("GetUser", "UserManager/GetUser"),
-    ("AddUser", "UserManager/AddUser"),
-    ("GetUsersByType", "UserManager/GetUsersByType"),
-    ("CountAlreadyUsers", "UserManager/CountAlreadyUsers"),
-    ("GetUsersByIds", "UserManager/GetUsersByIds"),
-];
-/// What the conventions call a method the instrumentation doesn't know.
-const OTHER_METHOD: (&str, &str) = ("_OTHER", "UserManager/_OTHER");
+use crate::grpc::{
+    body::{FrameScanner, Hooks, Polled, Wrapped},
+    methods::Method,
+};
+
+/// What the conventions call a method the instrumentation doesn't know
+/// (`rpc.method`, span name), for a path under our service naming none.
+const OTHER_METHOD: (&str, &str) = ("_OTHER", Method::OTHER_SPAN_NAME);
 
 /// Wraps the server's routes; install outside any layer that answers with a
 /// status of its own (deadlines), so the span sees that status too.
@@ -100,20 +96,19 @@ where
         if !self.enabled {
             return Either::Left(self.inner.call(request));
         }
-        let Some(method) = request.uri().path().strip_prefix(PATH_PREFIX) else {
-            return Either::Left(self.inner.call(request));
+        let path = request.uri().path();
+        let (method, name) = match Method::from_path(path) {
+            Some(method) => (method.name(), method.span_name()),
+            None if path.starts_with(Method::PATH_PREFIX) => OTHER_METHOD,
+            None => return Either::Left(self.inner.call(request)),
         };
-        let (method, name) = METHODS
-            .into_iter()
-            .find(|(known, _)| *known == method)
-            .unwrap_or(OTHER_METHOD);
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = name,
             otel.kind = "server",
             otel.status_code = Empty,
             rpc.system = "grpc",
-            rpc.service = SERVICE,
+            rpc.service = Method::SERVICE,
             rpc.method = method,
             rpc.grpc.status_code = Empty,
             rpc.request.message_count = Empty,
@@ -128,13 +123,13 @@ where
 
         let requests = Arc::new(AtomicU64::new(0));
         let request = request.map(|inner| {
-            Body::new(Watched {
+            Wrapped::body(
                 inner,
-                watcher: RequestWatcher {
+                RequestWatcher {
                     counter: MessageCounter::default(),
                     total: requests.clone(),
                 },
-            })
+            )
         });
         let response = self.inner.call(request).instrument(span.clone());
         Either::Right(Box::pin(async move {
@@ -212,81 +207,23 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// Counts gRPC messages in a body's bytes, however they are split into
-/// frames: each message is a 1-byte flag, a 4-byte big-endian length, then
-/// that many bytes.
+/// Counts gRPC messages in a body's bytes, however they are split into frames.
 #[derive(Debug, Default)]
 struct MessageCounter {
     messages: u64,
-    prefix: [u8; 5],
-    prefix_len: usize,
-    payload_left: u64,
+    scanner: FrameScanner,
 }
 
 impl MessageCounter {
     /// Returns how many messages started in `data`.
-    fn feed(&mut self, mut data: &[u8]) -> u64 {
-        let before = self.messages;
-        while !data.is_empty() {
-            if self.payload_left > 0 {
-                let skip = data
-                    .len()
-                    .min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
-                data = &data[skip..];
-                self.payload_left -= skip as u64;
-                continue;
-            }
-            let take = data.len().min(self.prefix.len() - self.prefix_len);
-            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
-            self.prefix_len += take;
-            data = &data[take..];
-            if self.prefix_len == self.prefix.len() {
-                let [_, len @ ..] = self.prefix;
-                self.payload_left = u64::from(u32::from_be_bytes(len));
-                self.prefix_len = 0;
-                self.messages += 1;
-            }
-        }
-        self.messages - before
-    }
-}
-
-type Polled = Poll<Option<Result<Frame<Bytes>, Status>>>;
-
-/// A body passed through unchanged, each poll shown to its watcher.
-struct Watched<W> {
-    inner: Body,
-    watcher: W,
-}
-
-trait Watcher {
-    /// Runs the inner body's poll, inside a span if the watcher has one.
-    fn around(&self, poll: impl FnOnce() -> Polled) -> Polled {
-        poll()
-    }
-
-    fn saw(&mut self, polled: &Polled);
-}
-
-impl<W: Watcher + Unpin> http_body::Body for Watched<W> {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
-        let this = &mut *self;
-        let polled = this
-            .watcher
-            .around(|| Pin::new(&mut this.inner).poll_frame(cx));
-        this.watcher.saw(&polled);
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn feed(&mut self, data: &[u8]) -> u64 {
+        let mut started = 0;
+        let _ = self.scanner.feed::<()>(data, |_| {
+            started += 1;
+            ControlFlow::Continue(())
+        });
+        self.messages += started;
+        started
     }
 }
 
@@ -296,14 +233,15 @@ struct RequestWatcher {
     total: Arc<AtomicU64>,
 }
 
-impl Watcher for RequestWatcher {
-    fn saw(&mut self, polled: &Polled) {
+impl Hooks for RequestWatcher {
+    fn after(&mut self, polled: &Polled) -> Option<Status> {
         if let Poll::Ready(Some(Ok(frame))) = polled
             && let Some(data) = frame.data_ref()
         {
             let started = self.counter.feed(data);
             self.total.fetch_add(started, Ordering::Relaxed);
         }
+        None
     }
 }
 
@@ -324,12 +262,7 @@ impl ResponseWatcher {
             self.finish(Code::Unknown);
             return response;
         }
-        response.map(|inner| {
-            Body::new(Watched {
-                inner,
-                watcher: self,
-            })
-        })
+        response.map(|inner| Wrapped::body(inner, self))
     }
 
     fn finish(&mut self, code: Code) {
@@ -339,8 +272,8 @@ impl ResponseWatcher {
     }
 }
 
-impl Watcher for ResponseWatcher {
-    fn around(&self, poll: impl FnOnce() -> Polled) -> Polled {
+impl Hooks for ResponseWatcher {
+    fn around(&mut self, poll: impl FnOnce() -> Polled) -> Polled {
         match &self.0 {
             // Streaming handlers do their work (database reads included) here.
             Some(call) => call.span.in_scope(poll),
@@ -348,10 +281,8 @@ impl Watcher for ResponseWatcher {
         }
     }
 
-    fn saw(&mut self, polled: &Polled) {
-        let Some(call) = self.0.as_mut() else {
-            return;
-        };
+    fn after(&mut self, polled: &Polled) -> Option<Status> {
+        let call = self.0.as_mut()?;
         let finished = match polled {
             Poll::Pending => None,
             Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
@@ -367,6 +298,7 @@ impl Watcher for ResponseWatcher {
         if let Some(code) = finished {
             self.finish(code.unwrap_or(Code::Unknown));
         }
+        None
     }
 }
 
@@ -381,25 +313,6 @@ impl Drop for ResponseWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn message(payload_len: u32) -> Vec<u8> {
-        let mut bytes = vec![0];
-        bytes.extend(payload_len.to_be_bytes());
-        bytes.extend(std::iter::repeat_n(7, payload_len as usize));
-        bytes
-    }
-
-    #[test]
-    fn counts_messages_however_the_bytes_are_split() {
-        let stream: Vec<u8> = [3, 0, 300, 1].into_iter().flat_map(message).collect();
-        for chunk in [1, 2, 4, 5, 6, 64, stream.len()] {
-            let mut counter = MessageCounter::default();
-            let started: u64 = stream.chunks(chunk).map(|c| counter.feed(c)).sum();
-            assert_eq!(started, 4, "chunks of {chunk}");
-            assert_eq!(counter.messages, 4, "chunks of {chunk}");
-            assert_eq!((counter.prefix_len, counter.payload_left), (0, 0));
-        }
-    }
 
     #[test]
     fn only_server_faults_are_errors() {

@@ -11,18 +11,14 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
-use tonic::{Status, body::Body, codegen::Bytes};
+use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-/// Unary methods: the server default applies to these only, as streams are
-/// bounded by their own limits.
-pub(crate) const UNARY: [&str; 3] = [
-    "/UserManager/GetUser",
-    "/UserManager/AddUser",
-    "/grpc.health.v1.Health/Check",
-];
+use crate::grpc::{
+    body::{Hooks, Wrapped},
+    methods::is_unary_path,
+};
 
 /// tonic arms an identical timer for the client's `grpc-timeout` just before
 /// this layer runs, and polls this layer first; firing a millisecond earlier
@@ -79,9 +75,11 @@ where
             .get("grpc-timeout")
             .and_then(|v| parse_grpc_timeout(v.as_bytes()))
             .map(|d| d.saturating_sub(AHEAD_OF_TONIC));
+        // The server default bounds unary calls only: streams are bounded
+        // by their own limits.
         let server = self
             .unary_default
-            .filter(|_| UNARY.contains(&request.uri().path()));
+            .filter(|_| is_unary_path(request.uri().path()));
         let budget = match (client, server) {
             (Some(c), Some(s)) => Some(c.min(s)),
             (c, s) => c.or(s),
@@ -94,11 +92,7 @@ where
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(response)) => Ok(response.map(|body| {
-                    Body::new(DeadlineBody {
-                        inner: body,
-                        expiry: Box::pin(tokio::time::sleep_until(deadline)),
-                        done: false,
-                    })
+                    Wrapped::body(body, Expiry(Box::pin(tokio::time::sleep_until(deadline))))
                 })),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Ok(exceeded().into_http()),
@@ -111,49 +105,12 @@ fn exceeded() -> Status {
     Status::deadline_exceeded("deadline exceeded before the call completed")
 }
 
-/// A response body that ends with DEADLINE_EXCEEDED trailers at the deadline.
-struct DeadlineBody {
-    inner: Body,
-    expiry: Pin<Box<Sleep>>,
-    done: bool,
-}
+/// Ends a response body with DEADLINE_EXCEEDED trailers at the deadline.
+struct Expiry(Pin<Box<Sleep>>);
 
-impl http_body::Body for DeadlineBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if self.done {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame)),
-            Poll::Pending => match self.expiry.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    self.done = true;
-                    let mut trailers = http::HeaderMap::new();
-                    // Encoding our own fixed status can't fail.
-                    let _ = exceeded().add_header(&mut trailers);
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-                }
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+impl Hooks for Expiry {
+    fn before(&mut self, cx: &mut Context<'_>) -> Poll<Status> {
+        self.0.as_mut().poll(cx).map(|()| exceeded())
     }
 }
 

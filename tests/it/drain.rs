@@ -1,0 +1,137 @@
+//! The drain deadline, per streaming RPC: a call still open when it passes
+//! ends with UNAVAILABLE (retry elsewhere), within a few seconds, whatever
+//! its handler is doing. One shared mechanism (src/grpc/middleware/drain.rs)
+//! does it for every method of the table, so each kind of call is checked.
+
+use std::time::{Duration, Instant};
+
+use crate::common::{TestApp, big_seed, grpc_frame, spawn_app_in};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+use user_manager::proto::{UserRequest, UserTypeRequest};
+
+const DRAIN_MS: u64 = 300;
+/// Drain deadline, the server's final flush, and slack for a busy machine.
+const ENDS_WITHIN: Duration = Duration::from_secs(5);
+const GUEST: i32 = 3;
+
+/// A server that stops accepting at once and drains for `DRAIN_MS`, over
+/// the seed plus `extra_guests` guests.
+async fn draining_app(extra_guests: u32) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let seed_path = big_seed(dir.path(), extra_guests);
+    spawn_app_in(dir, |s| {
+        s.seed.path = seed_path;
+        s.server.lame_duck_ms = 0;
+        s.server.drain_timeout_ms = DRAIN_MS;
+    })
+    .await
+}
+
+/// Stops `app` gracefully while the call is open, and expects the call's
+/// end (`ended`) to be the drain's UNAVAILABLE: after the deadline, within
+/// `ENDS_WITHIN`, and from the drain itself (its message), not from
+/// something closing under the call later.
+async fn stop_and_expect_drained(app: TestApp, ended: impl Future<Output = Status>) {
+    let stopping = Instant::now();
+    let stopped = tokio::spawn(async move {
+        app.stop().await;
+    });
+    let status = tokio::time::timeout(ENDS_WITHIN, ended)
+        .await
+        .expect("the call ends");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    assert!(stopping.elapsed() >= Duration::from_millis(DRAIN_MS));
+    stopped.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bidi_call_left_open_ends_with_unavailable_at_the_drain_deadline() {
+    let app = draining_app(0).await;
+    let mut client = app.client().await;
+    let (ids, requests) = mpsc::channel(1);
+    let mut answers = client
+        .get_users_by_ids(ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    ids.send(UserRequest { id: 1 }).await.unwrap();
+    answers.next().await.unwrap().unwrap();
+
+    stop_and_expect_drained(app, async {
+        answers
+            .next()
+            .await
+            .expect("a status, not a bare end")
+            .unwrap_err()
+    })
+    .await;
+    drop(ids);
+}
+
+#[tokio::test]
+async fn a_client_stream_never_closed_ends_with_unavailable_at_the_drain_deadline() {
+    let app = draining_app(0).await;
+    let mut client = app.client().await;
+    let (ids, requests) = mpsc::channel(1);
+    ids.send(UserRequest { id: 1 }).await.unwrap();
+    let counting = tokio::spawn(async move {
+        client
+            .count_already_users(ReceiverStream::new(requests))
+            .await
+    });
+    // The handler is waiting for the rest of the stream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    stop_and_expect_drained(app, async { counting.await.unwrap().unwrap_err() }).await;
+    drop(ids);
+}
+
+/// GetUsersByType to a client that reads slowly through a small HTTP/2
+/// window (raw h2: a generated client would read as fast as it can), so
+/// the stream is still sending when the deadline passes.
+#[tokio::test]
+async fn a_server_stream_still_sending_ends_with_unavailable_at_the_drain_deadline() {
+    const GUESTS: u32 = 5000;
+    const WINDOW: u32 = 1024;
+    let app = draining_app(GUESTS).await;
+    let addr = app.addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, connection) = h2::client::Builder::new()
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{addr}/UserManager/GetUsersByType"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = h2.send_request(request, false).unwrap();
+    send.send_data(grpc_frame(&UserTypeRequest { user_type: GUEST }), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+
+    let mut received = 0;
+    stop_and_expect_drained(app, async {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            received += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            // A slow reader: about 50 KB/s.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let trailers = body.trailers().await.unwrap().expect("trailers");
+        Status::from_header_map(&trailers).expect("a grpc-status in the trailers")
+    })
+    .await;
+    // It was cut short: 5000 users are well over 100 KB.
+    assert!(received > 0 && received < 100_000, "{received} bytes");
+}
