@@ -5,7 +5,8 @@
 //!
 //! Traces: exported over OTLP/gRPC when `telemetry.otlp_endpoint` or
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Otherwise no OpenTelemetry layer is
-//! installed at all and [`crate::grpc::middleware::trace`] passes requests straight through.
+//! installed at all and [`crate::grpc::middleware::trace`] passes requests
+//! straight through.
 //! The standard `OTEL_*` variables for the service name, resource, sampler,
 //! propagators, batching and exporter work as the specification says.
 
@@ -50,8 +51,8 @@ pub const DEFAULT_SERVICE_NAME: &str = "user-manager";
 /// hung one keeps the exit within the drain deadline + 2 s.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Whether spans are exported; read by [`crate::grpc::middleware::trace`] so that without
-/// an exporter no per-request span is even created.
+/// Whether spans are exported; read by [`crate::grpc::middleware::trace`] so
+/// that without an exporter no per-request span is even created.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Whether [`init`] installed an exporter in this process.

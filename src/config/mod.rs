@@ -158,7 +158,8 @@ impl From<&str> for Secret {
     }
 }
 
-/// Resource limits; documented in `config/default.toml`, applied by `crate::grpc::middleware::limits`.
+/// Resource limits; documented in `config/default.toml`, applied by
+/// `crate::grpc::middleware::limits`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSettings {
