@@ -23,12 +23,12 @@ use crate::store::UserStore;
 
 /// Health names that follow the database and shutdown, besides the served
 /// service's own name.
-pub const READINESS: [&str; 2] = ["", "readiness"];
+pub(crate) const READINESS: [&str; 2] = ["", "readiness"];
 /// Health name for liveness probes.
-pub const LIVENESS: &str = "liveness";
+pub(crate) const LIVENESS: &str = "liveness";
 
 #[derive(Clone)]
-pub struct Health {
+pub(crate) struct Health {
     reporter: HealthReporter,
     /// [`READINESS`] and the served service's name.
     readiness: [&'static str; 3],
@@ -49,7 +49,7 @@ impl Health {
     /// Readiness starts NOT_SERVING: nothing is ready until the store is.
     /// `service` is the served service's name (the proto's, which the
     /// composition passes in), so clients can ask for it by name.
-    pub async fn new(service: &'static str) -> (Self, HealthServer<HealthService>) {
+    pub(crate) async fn new(service: &'static str) -> (Self, HealthServer<HealthService>) {
         let reporter = HealthReporter::new();
         let readiness = [READINESS[0], service, READINESS[1]];
         for name in readiness {
@@ -72,12 +72,12 @@ impl Health {
     /// Whether the last check could read the database; calls are refused
     /// with UNAVAILABLE while it can't (open connections may still read a
     /// file that was deleted, so their answers would be stale).
-    pub fn database_ok(&self) -> bool {
+    pub(crate) fn database_ok(&self) -> bool {
         self.state.database_ok.load(Ordering::Acquire)
     }
 
     /// Records a check's result; readiness follows unless shutting down.
-    pub async fn set_database_ok(&self, ok: bool) {
+    pub(crate) async fn set_database_ok(&self, ok: bool) {
         let _changing = self.state.changes.lock().await;
         let was = self.state.database_ok.swap(ok, Ordering::AcqRel);
         let first = !self.state.checked.swap(true, Ordering::AcqRel);
@@ -99,7 +99,7 @@ impl Health {
     }
 
     /// Readiness goes NOT_SERVING, for good: open Watch streams see it at once.
-    pub async fn shutting_down(&self) {
+    pub(crate) async fn shutting_down(&self) {
         let _changing = self.state.changes.lock().await;
         self.state.shutting_down.store(true, Ordering::Release);
         self.set_readiness(false).await;
@@ -118,7 +118,11 @@ impl Health {
 
     /// Checks the database every `interval` (a check that takes longer than
     /// that counts as failed) until the task is aborted.
-    pub fn spawn_checker<S: UserStore>(&self, store: S, interval: Duration) -> JoinHandle<()> {
+    pub(crate) fn spawn_checker<S: UserStore>(
+        &self,
+        store: S,
+        interval: Duration,
+    ) -> JoinHandle<()> {
         let health = self.clone();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);

@@ -5,16 +5,18 @@
 
 #![forbid(unsafe_code)]
 
+// Public: what the binary, the benchmark and the tests use. The store and
+// the domain types are public for the store's own contract tests.
 pub mod app;
 pub mod config;
 pub mod domain;
-pub mod error;
-pub mod grpc;
-pub mod health;
-pub mod seed;
 pub mod store;
 pub mod telemetry;
 
-// The generated messages and client, for the benchmark and the tests: the
-// one public path clients of this crate need into `grpc`.
+mod error;
+mod grpc;
+mod health;
+mod seed;
+
+// The generated messages and client: the one public path into `grpc`.
 pub use grpc::proto;

@@ -10,9 +10,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use user_manager::{
-    app::{Application, prepare_store},
+    app::{self, Application},
     config::{Settings, Sources},
-    store::UserStore,
     telemetry,
 };
 
@@ -150,8 +149,7 @@ fn main() -> ExitCode {
                 .run_until_stopped()
                 .await
         } else {
-            prepare_store(&settings).await?.close().await;
-            Ok(())
+            app::migrate(&settings).await
         }
     });
     // After the server drained: the spans of every finished RPC get exported.

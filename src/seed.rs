@@ -16,10 +16,10 @@ use crate::{
 };
 
 /// The repository's seed, compiled in.
-pub const EMBEDDED: &str = include_str!("../seed/users.json");
+pub(crate) const EMBEDDED: &str = include_str!("../seed/users.json");
 
 #[derive(Debug, thiserror::Error)]
-pub enum SeedError {
+pub(crate) enum SeedError {
     #[error("seed file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -50,7 +50,7 @@ struct Entry {
 
 /// Reads and validates every user of the seed, in id order: `seed.path`'s
 /// value, the compiled-in users for [`EMBEDDED_SEED`], else a file.
-pub fn load(path: &Path) -> Result<Vec<User>, SeedError> {
+pub(crate) fn load(path: &Path) -> Result<Vec<User>, SeedError> {
     if path.as_os_str() == EMBEDDED_SEED {
         return parse(path, EMBEDDED);
     }

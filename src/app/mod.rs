@@ -31,10 +31,17 @@ use crate::{
     store::{SeedOutcome, SqliteStore, UserStore},
 };
 
+/// `user-manager migrate`: the schema brought up to date and the seed
+/// imported, then the store closed (for init containers and jobs).
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    prepare_store(settings).await?.close().await;
+    Ok(())
+}
+
 /// Opens the database, brings its schema up to date and imports the seed
 /// once. The seed file is read and checked first, so a bad one fails before
 /// the database is touched.
-pub async fn prepare_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
+async fn prepare_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
     let seed = settings.seed.file().map(seed::load).transpose()?;
     let store = SqliteStore::open(&settings.database).await?;
     store.migrate().await?;

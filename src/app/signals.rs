@@ -4,7 +4,7 @@
 use futures::{StreamExt, stream::BoxStream};
 
 /// Resolves on SIGTERM (how orchestrators stop us) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "can't listen for SIGINT");
@@ -33,7 +33,7 @@ pub async fn shutdown_signal() {
 
 /// One item per SIGHUP: the reload trigger handed to TLS. Never ends; empty
 /// where there is no SIGHUP or it can't be listened for.
-pub fn reload_requests() -> BoxStream<'static, ()> {
+pub(super) fn reload_requests() -> BoxStream<'static, ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -12,7 +12,7 @@ use http_body::{Frame, SizeHint};
 use tonic::{Status, body::Body, codegen::Bytes};
 
 /// What polling a body gives.
-pub type Polled = Poll<Option<Result<Frame<Bytes>, Status>>>;
+pub(crate) type Polled = Poll<Option<Result<Frame<Bytes>, Status>>>;
 
 /// Each gRPC message is a 1-byte compressed flag, a 4-byte big-endian
 /// length, then that many bytes of payload.
@@ -20,7 +20,7 @@ const PREFIX_LEN: usize = 5;
 
 /// A message's length prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Prefix {
+pub(crate) struct Prefix {
     /// 0 or 1 in gRPC framing; anything else means the bytes aren't gRPC.
     pub compressed: u8,
     pub length: u32,
@@ -29,7 +29,7 @@ pub struct Prefix {
 /// Follows the message framing of a body's bytes, however they are split
 /// into frames, and reports each message's prefix as it completes.
 #[derive(Debug, Default, Clone)]
-pub struct FrameScanner {
+pub(crate) struct FrameScanner {
     prefix: [u8; PREFIX_LEN],
     prefix_len: usize,
     payload_left: u64,
@@ -38,7 +38,7 @@ pub struct FrameScanner {
 impl FrameScanner {
     /// Feeds `data` through, calling `each` with every prefix completed in
     /// it; stops at the first `Break` and returns it.
-    pub fn feed<B>(
+    pub(crate) fn feed<B>(
         &mut self,
         mut data: &[u8],
         mut each: impl FnMut(Prefix) -> ControlFlow<B>,
@@ -68,13 +68,14 @@ impl FrameScanner {
     }
 
     /// Whether the bytes fed so far end on a message boundary.
-    pub fn at_boundary(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn at_boundary(&self) -> bool {
         self.prefix_len == 0 && self.payload_left == 0
     }
 }
 
 /// The trailers frame that ends a response with `status`.
-pub fn status_trailers(status: &Status) -> Frame<Bytes> {
+pub(crate) fn status_trailers(status: &Status) -> Frame<Bytes> {
     let mut trailers = http::HeaderMap::new();
     // Encoding a status of our own can't fail.
     let _ = status.add_header(&mut trailers);
@@ -83,7 +84,7 @@ pub fn status_trailers(status: &Status) -> Frame<Bytes> {
 
 /// How a body ended early by its hooks tells the reader why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndAs {
+pub(crate) enum EndAs {
     /// A response: the status in trailers, which the client reads.
     Trailers,
     /// A request: the status as the body's error, which the handler reads.
@@ -92,7 +93,7 @@ pub enum EndAs {
 
 /// What a middleware does around each poll of a body it wraps. Every hook
 /// is optional; a body ended by one is not polled again.
-pub trait Hooks: Send + Unpin + 'static {
+pub(crate) trait Hooks: Send + Unpin + 'static {
     const END_AS: EndAs = EndAs::Trailers;
 
     /// Before the inner body is polled: `Ready(status)` ends the body with
@@ -116,7 +117,7 @@ pub trait Hooks: Send + Unpin + 'static {
 
 /// A body passed through with its hooks, ended for good once it has given
 /// its trailers, an error or its end, or a hook ended it.
-pub struct Wrapped<H, B = Body> {
+pub(crate) struct Wrapped<H, B = Body> {
     inner: B,
     hooks: H,
     done: bool,
@@ -128,7 +129,7 @@ where
     B: http_body::Body<Data = Bytes, Error = Status> + Send + Unpin + 'static,
 {
     /// `inner` with `hooks`, as a tonic body.
-    pub fn body(inner: B, hooks: H) -> Body {
+    pub(crate) fn body(inner: B, hooks: H) -> Body {
         Body::new(Wrapped {
             inner,
             hooks,

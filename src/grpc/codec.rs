@@ -17,7 +17,7 @@ use crate::grpc::proto;
 /// How a message of this type that fails to parse is answered: requests
 /// are the client's fault; responses (decoded by the generated client) stay
 /// INTERNAL, as the gRPC status code table says.
-pub trait Decoded: prost::Message + Default + Send + 'static {
+pub(crate) trait Decoded: prost::Message + Default + Send + 'static {
     const UNPARSABLE: Code;
 }
 
@@ -42,7 +42,7 @@ impl Decoded for proto::UserCntResponse {
 }
 
 #[derive(Debug, Clone)]
-pub struct Codec<T, U>(PhantomData<(T, U)>);
+pub(crate) struct Codec<T, U>(PhantomData<(T, U)>);
 
 impl<T, U> Default for Codec<T, U> {
     fn default() -> Self {
@@ -69,7 +69,7 @@ where
     }
 }
 
-pub struct MessageDecoder<U>(ProstDecoder<U>);
+pub(crate) struct MessageDecoder<U>(ProstDecoder<U>);
 
 impl<U: Decoded> Decoder for MessageDecoder<U> {
     type Item = U;

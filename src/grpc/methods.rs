@@ -4,7 +4,7 @@
 
 /// Which sides of a call stream, from the proto's `stream` keywords.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallKind {
+pub(crate) enum CallKind {
     Unary,
     ServerStreaming,
     ClientStreaming,
@@ -13,13 +13,8 @@ pub enum CallKind {
 
 impl CallKind {
     /// Whether the response is a stream of messages (its body stays open).
-    pub const fn streams_responses(self) -> bool {
+    pub(crate) const fn streams_responses(self) -> bool {
         matches!(self, CallKind::ServerStreaming | CallKind::Bidi)
-    }
-
-    /// Whether the request is a stream of messages.
-    pub const fn streams_requests(self) -> bool {
-        matches!(self, CallKind::ClientStreaming | CallKind::Bidi)
     }
 }
 
@@ -32,7 +27,7 @@ const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// Whether a call on `path` is unary: ours by the table, health's Check,
 /// and nothing else (reflection and unknown paths count as streams).
-pub fn is_unary_path(path: &str) -> bool {
+pub(crate) fn is_unary_path(path: &str) -> bool {
     match Method::from_path(path) {
         Some(method) => method.kind() == CallKind::Unary,
         None => path == HEALTH_CHECK,

@@ -1,7 +1,13 @@
 //! Code generated from `proto/user.proto` (package-less, so the generated
 //! module is `_`), and its encoded descriptor set for reflection.
 
-#![allow(clippy::all, clippy::pedantic, missing_docs)]
+#![allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    unreachable_pub,
+    unused_qualifications
+)]
 
 tonic::include_proto!("_");
 

@@ -24,13 +24,13 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<UserResponse, Status>> + 
 
 /// The handlers. Calls still open at the drain deadline are ended by
 /// `middleware::drain`, not here.
-pub struct UserManagerService<S> {
+pub(crate) struct UserManagerService<S> {
     store: S,
     health: Health,
 }
 
 impl<S: UserStore> UserManagerService<S> {
-    pub fn new(store: S, health: Health) -> Self {
+    pub(crate) fn new(store: S, health: Health) -> Self {
         Self { store, health }
     }
 

@@ -118,7 +118,7 @@ pub async fn health_status(url: &str, service: &str) -> Option<ServingStatus> {
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + within;
     while !check().await {

@@ -100,7 +100,7 @@ impl RawStream {
     /// Releases `released` bytes read before, then reads the body to its
     /// end, releasing each chunk and calling `after_chunk` after it; returns
     /// the trailers.
-    pub async fn read_to_end<F: std::future::Future<Output = ()>>(
+    pub async fn read_to_end<F: Future<Output = ()>>(
         &mut self,
         released: usize,
         received: &mut Vec<u8>,

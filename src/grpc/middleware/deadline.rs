@@ -26,13 +26,13 @@ use crate::grpc::{
 const AHEAD_OF_TONIC: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Clone, Copy)]
-pub struct DeadlineLayer {
+pub(crate) struct DeadlineLayer {
     unary_default: Option<Duration>,
 }
 
 impl DeadlineLayer {
     /// `unary_default` of zero means no server default.
-    pub fn new(unary_default: Duration) -> Self {
+    pub(crate) fn new(unary_default: Duration) -> Self {
         Self {
             unary_default: (!unary_default.is_zero()).then_some(unary_default),
         }
@@ -51,7 +51,7 @@ impl<S> Layer<S> for DeadlineLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct Deadline<S> {
+pub(crate) struct Deadline<S> {
     inner: S,
     unary_default: Option<Duration>,
 }

@@ -30,29 +30,29 @@ use crate::grpc::{
 
 /// Fires once; cheap to clone into every call.
 #[derive(Clone)]
-pub struct Drain(watch::Receiver<bool>);
+pub(crate) struct Drain(watch::Receiver<bool>);
 
 /// The side that fires the drain.
-pub struct DrainTrigger(watch::Sender<bool>);
+pub(crate) struct DrainTrigger(watch::Sender<bool>);
 
-pub fn drain_pair() -> (DrainTrigger, Drain) {
+pub(crate) fn drain_pair() -> (DrainTrigger, Drain) {
     let (tx, rx) = watch::channel(false);
     (DrainTrigger(tx), Drain(rx))
 }
 
 impl DrainTrigger {
-    pub fn fire(&self) {
+    pub(crate) fn fire(&self) {
         self.0.send_replace(true);
     }
 }
 
 impl Drain {
     /// Resolves when the drain fires (or its trigger is gone).
-    pub async fn fired(mut self) {
+    pub(crate) async fn fired(mut self) {
         let _ = self.0.wait_for(|fired| *fired).await;
     }
 
-    pub fn status() -> Status {
+    pub(crate) fn status() -> Status {
         Status::unavailable("the server is shutting down; retry on another instance")
     }
 }
@@ -60,12 +60,12 @@ impl Drain {
 /// Ends the calls of the routes it wraps at the drain deadline. Install it
 /// inside the trace and limits layers, so they see the UNAVAILABLE.
 #[derive(Clone)]
-pub struct DrainLayer {
+pub(crate) struct DrainLayer {
     drain: Drain,
 }
 
 impl DrainLayer {
-    pub fn new(drain: Drain) -> Self {
+    pub(crate) fn new(drain: Drain) -> Self {
         Self { drain }
     }
 }
@@ -82,7 +82,7 @@ impl<S> Layer<S> for DrainLayer {
 }
 
 #[derive(Clone)]
-pub struct Drained<S> {
+pub(crate) struct Drained<S> {
     inner: S,
     drain: Drain,
 }

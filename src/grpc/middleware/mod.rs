@@ -1,8 +1,8 @@
 //! The tower layers around the routes, one mechanism per module. Their order
 //! on the server is in `crate::app`.
 
-pub mod auth;
-pub mod deadline;
-pub mod drain;
-pub mod limits;
-pub mod trace;
+pub(crate) mod auth;
+pub(crate) mod deadline;
+pub(crate) mod drain;
+pub(crate) mod limits;
+pub(crate) mod trace;

@@ -42,14 +42,14 @@ const OTHER_METHOD: (&str, &str) = ("_OTHER", Method::OTHER_SPAN_NAME);
 /// Wraps the server's routes; install outside any layer that answers with a
 /// status of its own (deadlines), so the span sees that status too.
 #[derive(Debug, Clone, Copy)]
-pub struct RpcTraceLayer {
+pub(crate) struct RpcTraceLayer {
     enabled: bool,
 }
 
 impl RpcTraceLayer {
     /// Traces when [`crate::telemetry::init`] installed an exporter; otherwise
     /// the service only forwards.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             enabled: crate::telemetry::exporting(),
         }
@@ -74,7 +74,7 @@ impl<S> Layer<S> for RpcTraceLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct RpcTrace<S> {
+pub(crate) struct RpcTrace<S> {
     inner: S,
     enabled: bool,
 }

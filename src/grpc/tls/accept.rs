@@ -32,14 +32,14 @@ const ACCEPTED_QUEUE: usize = 64;
 /// Accepting starts at the first poll (when the server runs, not when it is
 /// built); dropping this (tonic does when it stops accepting) closes the
 /// listener.
-pub struct TlsIncoming {
+pub(crate) struct TlsIncoming {
     accepted: mpsc::Receiver<TlsStream<TcpStream>>,
     /// The loop, until the first poll starts it.
     idle: Option<AcceptLoop>,
     accepting: Option<JoinHandle<()>>,
 }
 
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingTls>,
     max_handshakes: usize,

@@ -13,5 +13,5 @@ mod accept;
 mod reload;
 mod server_config;
 
-pub use accept::{TlsIncoming, incoming};
-pub use reload::ReloadingTls;
+pub(crate) use accept::incoming;
+pub(crate) use reload::ReloadingTls;

@@ -15,7 +15,7 @@ use super::server_config::{Files, build};
 use crate::config::TlsSettings;
 
 /// The server's TLS configuration, swapped when its files change.
-pub struct ReloadingTls {
+pub(crate) struct ReloadingTls {
     settings: TlsSettings,
     current: RwLock<Arc<ServerConfig>>,
     /// What the last reload read, good or bad: a bad pair is reported once,
@@ -25,7 +25,7 @@ pub struct ReloadingTls {
 
 impl ReloadingTls {
     /// Reads and checks the files; every error names the setting and path.
-    pub fn load(settings: &TlsSettings) -> anyhow::Result<Arc<Self>> {
+    pub(crate) fn load(settings: &TlsSettings) -> anyhow::Result<Arc<Self>> {
         let files = Files::read(settings)?;
         let (config, leaf) = build(settings, &files)?;
         tracing::info!(
@@ -41,7 +41,7 @@ impl ReloadingTls {
     }
 
     /// An acceptor with the current configuration, for one connection.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(
             self.current
                 .read()
@@ -53,7 +53,7 @@ impl ReloadingTls {
     /// Re-reads the files and swaps the configuration in if they changed
     /// (or `force`) and are good; a bad set leaves the current one serving.
     /// Returns whether it swapped.
-    pub fn reload(&self, force: bool) -> anyhow::Result<bool> {
+    pub(crate) fn reload(&self, force: bool) -> anyhow::Result<bool> {
         let files = Files::read(&self.settings)?;
         let mut last_read = self
             .last_read
@@ -72,7 +72,7 @@ impl ReloadingTls {
 
     /// Reloads every `interval` (zero: never) and at each of `requests`
     /// (SIGHUP, from `crate::app::signals`), until aborted.
-    pub fn spawn_reloader(
+    pub(crate) fn spawn_reloader(
         self: Arc<Self>,
         interval: Duration,
         mut requests: BoxStream<'static, ()>,

@@ -37,7 +37,7 @@ use subject::subject_names;
 
 /// What a credential allows; `Write` includes `Read`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
+pub(crate) enum Scope {
     Read = 1,
     Write = 2,
 }
@@ -45,7 +45,7 @@ pub enum Scope {
 impl Scope {
     /// The scope each RPC needs. No wildcard: a new RPC in the proto does
     /// not compile until its scope is chosen here.
-    pub const fn needed_by(method: Method) -> Scope {
+    pub(crate) const fn needed_by(method: Method) -> Scope {
         match method {
             Method::AddUser => Scope::Write,
             Method::GetUser
@@ -79,7 +79,7 @@ fn digest(token: &[u8]) -> TokenDigest {
     Sha256::digest(token).into()
 }
 
-pub struct Authorizer {
+pub(crate) struct Authorizer {
     /// One entry per distinct token, with its largest scope.
     tokens: Vec<(TokenDigest, Scope)>,
     /// Client-certificate subject → its largest scope.
@@ -89,7 +89,7 @@ pub struct Authorizer {
 impl Authorizer {
     /// `None` when authorization is off. Reads `auth.tokens_file`; its errors
     /// name the file and line, never a token.
-    pub fn from_settings(settings: &AuthSettings) -> anyhow::Result<Option<Arc<Self>>> {
+    pub(crate) fn from_settings(settings: &AuthSettings) -> anyhow::Result<Option<Arc<Self>>> {
         if !settings.enabled {
             return Ok(None);
         }
@@ -170,7 +170,7 @@ impl Authorizer {
     }
 
     /// Ok if the call may go ahead; the refusal otherwise.
-    pub fn authorize<B>(&self, request: &http::Request<B>) -> Result<(), Status> {
+    pub(crate) fn authorize<B>(&self, request: &http::Request<B>) -> Result<(), Status> {
         let path = request.uri().path();
         // Health and reflection are not checked. A path under our service
         // that names no method needs `read`, so an unauthenticated caller
@@ -248,12 +248,12 @@ fn read_tokens_file(path: &Path) -> anyhow::Result<Vec<(String, Scope)>> {
 /// Refuses unauthorized UserManager calls before they reach the service;
 /// passes everything through when authorization is off.
 #[derive(Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthLayer {
     authorizer: Option<Arc<Authorizer>>,
 }
 
 impl AuthLayer {
-    pub fn new(authorizer: Option<Arc<Authorizer>>) -> Self {
+    pub(crate) fn new(authorizer: Option<Arc<Authorizer>>) -> Self {
         Self { authorizer }
     }
 }
@@ -270,7 +270,7 @@ impl<S> Layer<S> for AuthLayer {
 }
 
 #[derive(Clone)]
-pub struct Auth<S> {
+pub(crate) struct Auth<S> {
     inner: S,
     authorizer: Option<Arc<Authorizer>>,
 }

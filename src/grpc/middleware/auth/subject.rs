@@ -10,7 +10,7 @@ use x509_cert::{
 
 /// The names a client certificate claims: subject common names, and DNS
 /// names and URIs among its subject alternative names.
-pub fn subject_names(cert: &CertificateDer<'_>) -> Vec<String> {
+pub(super) fn subject_names(cert: &CertificateDer<'_>) -> Vec<String> {
     let Ok(cert) = Certificate::from_der(cert) else {
         return Vec::new();
     };

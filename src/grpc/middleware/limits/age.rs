@@ -21,7 +21,7 @@ use crate::config::LimitsSettings;
 /// Each accepted connection closed at `max_connection_age_ms` +
 /// `max_connection_age_grace_ms`, whatever is still open on it; tonic sent
 /// it GOAWAY at the age, so well-behaved clients have moved on by then.
-pub fn with_max_age<S, IO, E>(
+pub(crate) fn with_max_age<S, IO, E>(
     incoming: S,
     limits: &LimitsSettings,
 ) -> impl Stream<Item = Result<Aged<IO>, E>> + use<S, IO, E>
@@ -40,7 +40,7 @@ where
 
 /// A connection that fails its reads and writes once its lifetime is over,
 /// which makes hyper drop it. Otherwise transparent, connection info included.
-pub struct Aged<IO> {
+pub(crate) struct Aged<IO> {
     io: IO,
     closes: Option<Pin<Box<Sleep>>>,
 }

@@ -8,7 +8,7 @@ use crate::config::LimitsSettings;
 /// The HTTP/2 limits of every connection. tonic leaves most of these off:
 /// no cap on concurrent streams, none on streams it resets for protocol
 /// errors, no keepalive, no maximum age.
-pub fn apply<L>(server: Server<L>, limits: &LimitsSettings) -> Server<L> {
+pub(crate) fn apply<L>(server: Server<L>, limits: &LimitsSettings) -> Server<L> {
     let server = server
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_accept_reset_streams))

@@ -22,8 +22,8 @@ use futures::future::BoxFuture;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-pub use age::{Aged, with_max_age};
-pub use http2::apply;
+pub(crate) use age::with_max_age;
+pub(crate) use http2::apply;
 
 use crate::{
     config::LimitsSettings,
@@ -40,7 +40,7 @@ fn millis(ms: u64) -> Option<Duration> {
 /// request message sizes, and ends stalled server streams. Install it inside
 /// the trace layer, so shed and ended calls are traced with their status.
 #[derive(Clone)]
-pub struct LimitsLayer {
+pub(crate) struct LimitsLayer {
     shared: Arc<Shared>,
 }
 
@@ -51,7 +51,7 @@ struct Shared {
 }
 
 impl LimitsLayer {
-    pub fn new(limits: &LimitsSettings) -> Self {
+    pub(crate) fn new(limits: &LimitsSettings) -> Self {
         Self {
             shared: Arc::new(Shared {
                 max_message_bytes: limits.max_message_bytes,
@@ -74,7 +74,7 @@ impl<S> Layer<S> for LimitsLayer {
 }
 
 #[derive(Clone)]
-pub struct Limits<S> {
+pub(crate) struct Limits<S> {
     inner: S,
     shared: Arc<Shared>,
 }
