@@ -19,6 +19,7 @@ pub mod app;
 pub mod grpc_frame;
 pub mod process;
 pub mod raw_grpc;
+pub mod tls;
 pub mod tools;
 
 use std::{

@@ -72,8 +72,24 @@ pub struct RawStream {
 impl RawStream {
     /// Calls `path` with `request` (framed) as the whole request stream.
     pub async fn open(addr: SocketAddr, path: &str, request: bytes::Bytes) -> Self {
+        Self::open_with_window(addr, path, request, 65_535).await
+    }
+
+    /// [`RawStream::open`] with a stream and connection window of `window`
+    /// bytes: a slow reader behind a small window keeps the stream sending.
+    pub async fn open_with_window(
+        addr: SocketAddr,
+        path: &str,
+        request: bytes::Bytes,
+        window: u32,
+    ) -> Self {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut connection, driver) = h2::client::handshake(tcp).await.unwrap();
+        let (mut connection, driver) = h2::client::Builder::new()
+            .initial_window_size(window)
+            .initial_connection_window_size(window)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .unwrap();
         tokio::spawn(driver);
         let head = http::Request::post(format!("http://{addr}{path}"))
             .header("content-type", "application/grpc")

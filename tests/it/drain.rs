@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{TestApp, big_seed, grpc_frame, spawn_app_in};
+use crate::common::{TestApp, big_seed, grpc_frame, raw_grpc::RawStream, spawn_app_in};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -98,40 +98,30 @@ async fn a_server_stream_still_sending_ends_with_unavailable_at_the_drain_deadli
     const GUESTS: u32 = 5000;
     const WINDOW: u32 = 1024;
     let app = draining_app(GUESTS).await;
-    let addr = app.addr;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut h2, connection) = h2::client::Builder::new()
-        .initial_window_size(WINDOW)
-        .initial_connection_window_size(WINDOW)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post(format!("http://{addr}/UserManager/GetUsersByType"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut send) = h2.send_request(request, false).unwrap();
-    send.send_data(grpc_frame(&UserTypeRequest { user_type: GUEST }), true)
-        .unwrap();
-    let response = response.await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
+    let mut stream = RawStream::open_with_window(
+        app.addr,
+        "/UserManager/GetUsersByType",
+        grpc_frame(&UserTypeRequest { user_type: GUEST }),
+        WINDOW,
+    )
+    .await;
 
-    let mut received = 0;
+    let mut received = Vec::new();
     stop_and_expect_drained(app, async {
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            received += chunk.len();
-            let _ = body.flow_control().release_capacity(chunk.len());
-            // A slow reader: about 50 KB/s.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let trailers = body.trailers().await.unwrap().expect("trailers");
+        // A slow reader: about 50 KB/s.
+        let trailers = stream
+            .read_to_end(0, &mut received, || {
+                tokio::time::sleep(Duration::from_millis(20))
+            })
+            .await
+            .expect("trailers");
         Status::from_header_map(&trailers).expect("a grpc-status in the trailers")
     })
     .await;
     // It was cut short: 5000 users are well over 100 KB.
-    assert!(received > 0 && received < 100_000, "{received} bytes");
+    assert!(
+        !received.is_empty() && received.len() < 100_000,
+        "{} bytes",
+        received.len()
+    );
 }

@@ -11,13 +11,12 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Output,
-    sync::Arc,
     time::Duration,
 };
 
 use crate::{
     common::{
-        self, Binary, ServerProcess, eventually, grpc_frame, health_status, raw_grpc_call,
+        self, Binary, ServerProcess, eventually, grpc_frame, health_status, raw_grpc_call, tls,
         tools::{REPO, run_tool_ok as run_tool, text},
         user,
     },
@@ -29,12 +28,9 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use serde_norway::Value;
-use tokio_rustls::{
-    TlsConnector,
-    rustls::{
-        ClientConfig, RootCertStore,
-        pki_types::{CertificateDer, ServerName},
-    },
+use tokio_rustls::rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, ServerName},
 };
 use tonic::{
     Code, Request, Status,
@@ -316,14 +312,8 @@ async fn served_certificate(addr: SocketAddr, ca: &Ca) -> Result<Vec<u8>, std::i
     for cert in rustls_pemfile_certs(&ca.pem) {
         roots.add(cert).unwrap();
     }
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let tls = TlsConnector::from(Arc::new(config))
+    let tls = tls::connector(roots)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await?;
     let (_, session) = tls.get_ref();

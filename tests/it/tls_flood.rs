@@ -4,16 +4,13 @@
 //! handshake per socket, and handshakes proceed again as soon as the flood's
 //! end or time out.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use crate::common::spawn_app_in;
+use crate::common::{spawn_app_in, tls};
 use tokio::net::TcpStream;
-use tokio_rustls::{
-    TlsConnector,
-    rustls::{
-        ClientConfig, RootCertStore,
-        pki_types::{CertificateDer, ServerName},
-    },
+use tokio_rustls::rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, ServerName},
 };
 
 const CAP: usize = 2;
@@ -37,13 +34,7 @@ async fn silent_connections_hold_at_most_the_cap_of_handshakes() {
     roots
         .add(CertificateDer::from(certified.cert.der().to_vec()))
         .unwrap();
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = TlsConnector::from(Arc::new(config));
+    let connector = tls::connector(roots);
     let handshake = || {
         let connector = connector.clone();
         let addr = app.addr;
