@@ -77,7 +77,8 @@ impl ConfigError {
             }
             config::ConfigError::FileParse { uri, cause } => Self::other(format!(
                 "{} is not valid TOML: {cause}",
-                uri.as_deref().unwrap_or("a config file")
+                uri.as_deref()
+                    .map_or_else(|| "a config file".into(), |uri| file_as_given(uri, layers))
             )),
             _ => Self::other(error.to_string()),
         }
@@ -158,4 +159,23 @@ mod tests {
         assert_eq!(edit_distance("server.listen", "server.listen"), 0);
         assert_eq!(edit_distance("abc", "xyz"), 3);
     }
+}
+
+/// The file layer `uri` names, spelt as the operator gave it: the `config`
+/// crate reports a file's path relative to the working directory
+/// (`../.tmpAB12/c.toml` for `/tmp/.tmpAB12/c.toml`), which is not what was
+/// typed after `--config`.
+fn file_as_given(uri: &str, layers: &[Layer]) -> String {
+    let named = std::fs::canonicalize(uri).ok();
+    layers
+        .iter()
+        .find_map(|layer| match layer {
+            Layer::File { path, .. }
+                if named.is_some() && std::fs::canonicalize(path).ok() == named =>
+            {
+                Some(path.display().to_string())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| uri.to_owned())
 }
