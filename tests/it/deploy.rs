@@ -25,7 +25,7 @@ use crate::{
         BINARY, ServerProcess, health_status,
         tools::{REPO, run_tool, success},
     },
-    k8s::{Container, Manifests, VolumeMount, kustomize},
+    k8s::{Container, LabelSelector, Manifests, VolumeMount, kustomize},
 };
 use serde::Deserialize;
 use serde_norway::Value;
@@ -53,16 +53,23 @@ const POD_NAMESPACE: &str = "default";
 
 #[test]
 fn every_kustomization_renders_and_passes_strict_schema_validation() {
-    for dir in KUSTOMIZATIONS {
+    let secret_example = format!("{POSTGRES_OVERLAY}/secret.example.yaml");
+    for dir in KUSTOMIZATIONS.into_iter().chain([POSTGRES_OVERLAY]) {
         let rendered = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(rendered.path(), kustomize(dir)).unwrap();
-        let path = rendered.path().to_str().unwrap();
+        let mut files = vec![rendered.path().to_str().unwrap()];
+        if dir == POSTGRES_OVERLAY {
+            // The Secret the overlay expects, as its example writes it.
+            files.push(&secret_example);
+        }
         for version in KUBERNETES_VERSIONS {
+            let mut args = vec!["--strict", "--quiet", "--kubernetes-version", version];
+            args.extend(&files);
             success(
                 &format!("kubernetes-validate --strict of {dir} for Kubernetes {version}"),
                 run_tool(
                     "kubernetes-validate",
-                    &["--strict", "--quiet", "--kubernetes-version", version, path],
+                    &args,
                     "scripts/test installs PyPI's kubernetes-validate from tests/requirements.txt",
                 ),
             );
@@ -547,7 +554,7 @@ impl Pod {
         let mut rootfs = Rootfs::of(&image);
         let pod = manifests.pod();
         let claims: Vec<&str> = manifests
-            .statefulset
+            .workload
             .spec
             .volume_claim_templates
             .iter()
@@ -599,7 +606,7 @@ impl Pod {
             }
         }
         rootfs.seal();
-        let pod_name = format!("{}-0", manifests.statefulset.metadata.name);
+        let pod_name = format!("{}-0", manifests.workload.metadata.name);
         let launch = |container: &Container| {
             let mut launch = Launch::new(
                 &image,
@@ -649,10 +656,8 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
         let spec = m.pod();
         let settings = pod.server.settings(&pod.rootfs);
         let port = settings.server.listen.port();
-        assert_eq!(
-            m.statefulset.spec.replicas, 1,
-            "{dir}: SQLite has one writer"
-        );
+        assert_eq!(m.workload.kind, "StatefulSet", "{dir}");
+        assert_eq!(m.workload.spec.replicas, 1, "{dir}: SQLite has one writer");
         assert!(
             !spec.enable_service_links,
             "{dir}: service links add USER_MANAGER_* variables"
@@ -754,34 +759,268 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
             );
         }
 
-        // Recommended labels, the version being the crate's.
-        for (resource, labels) in &m.labels {
-            for key in ["name", "instance", "component", "part-of", "managed-by"] {
-                assert!(
-                    labels.contains_key(&format!("app.kubernetes.io/{key}")),
-                    "{dir} {resource}: app.kubernetes.io/{key}"
-                );
-            }
-            assert_eq!(
-                labels.get("app.kubernetes.io/version").map(String::as_str),
-                Some(VERSION),
-                "{dir} {resource}"
+        assert_labels_and_selectors(dir, m);
+    }
+}
+
+/// Recommended labels on every resource, the version being the crate's, and
+/// the workload's and the budget's selectors matching the pods.
+fn assert_labels_and_selectors(dir: &str, m: &Manifests) {
+    for (resource, labels) in &m.labels {
+        for key in ["name", "instance", "component", "part-of", "managed-by"] {
+            assert!(
+                labels.contains_key(&format!("app.kubernetes.io/{key}")),
+                "{dir} {resource}: app.kubernetes.io/{key}"
             );
         }
-        let pod_labels = &m.statefulset.spec.template.metadata.labels;
         assert_eq!(
-            pod_labels
-                .get("app.kubernetes.io/version")
-                .map(String::as_str),
-            Some(VERSION)
+            labels.get("app.kubernetes.io/version").map(String::as_str),
+            Some(VERSION),
+            "{dir} {resource}"
         );
-        for selector in [&m.statefulset.spec.selector, &m.pdb.spec.selector] {
-            assert!(!selector.match_labels.is_empty());
-            for (key, value) in &selector.match_labels {
-                assert_eq!(pod_labels.get(key), Some(value), "{dir}: selector {key}");
-            }
-        }
     }
+    let pod_labels = &m.workload.spec.template.metadata.labels;
+    assert_eq!(
+        pod_labels
+            .get("app.kubernetes.io/version")
+            .map(String::as_str),
+        Some(VERSION)
+    );
+    for selector in [&m.workload.spec.selector, &m.pdb.spec.selector] {
+        assert_selects(dir, selector, pod_labels);
+    }
+}
+
+fn assert_selects(dir: &str, selector: &LabelSelector, pod_labels: &BTreeMap<String, String>) {
+    assert!(
+        !selector.match_labels.is_empty(),
+        "{dir}: an empty selector"
+    );
+    for (key, value) in &selector.match_labels {
+        assert_eq!(pod_labels.get(key), Some(value), "{dir}: selector {key}");
+    }
+}
+
+// ---------------------------------------------------------------- the postgres overlay
+
+const POSTGRES_OVERLAY: &str = "deploy/k8s/overlays/postgres";
+/// PostgreSQL's default max_connections: what the replicas' pools must fit in.
+const POSTGRES_MAX_CONNECTIONS: u32 = 100;
+
+/// The postgres overlay's pods are the base's pod, run as stateless replicas
+/// of a Deployment with the database URL from a Secret. Checked statically:
+/// its binary run needs a PostgreSQL server (tests/common/postgres.rs).
+#[test]
+fn the_postgres_overlay_runs_the_base_pod_as_stateless_replicas() {
+    let dir = POSTGRES_OVERLAY;
+    let base = Manifests::render("deploy/k8s/base");
+    let m = Manifests::render(dir);
+    assert_eq!(base.workload.kind, "StatefulSet");
+    assert_eq!(m.workload.kind, "Deployment", "{dir}");
+    let spec = &m.workload.spec;
+    assert!(spec.replicas >= 2, "{dir}: at least two replicas");
+    assert!(spec.volume_claim_templates.is_empty(), "{dir}: no claims");
+    assert_eq!(
+        spec.strategy.as_ref().expect("a strategy")["rollingUpdate"]["maxUnavailable"].as_u64(),
+        Some(0),
+        "{dir}: a rollout starts a new pod before it stops an old one"
+    );
+    assert_labels_and_selectors(dir, &m);
+    let pod_labels = &spec.template.metadata.labels;
+
+    // No volume for data: only the config and a scratch /tmp.
+    let pod = m.pod();
+    let data = base.workload.spec.volume_claim_templates[0]
+        .metadata
+        .name
+        .as_str();
+    let data_path = &base
+        .server()
+        .volume_mounts
+        .iter()
+        .find(|v| v.name == data)
+        .unwrap()
+        .mount_path;
+    for volume in &pod.volumes {
+        assert!(
+            volume.persistent_volume_claim.is_none() && volume.host_path.is_none(),
+            "{dir}: volume {} keeps state on the node or a claim",
+            volume.name
+        );
+        assert!(volume.name != data, "{dir}: the data volume");
+    }
+
+    // The containers are the base's, but for the database's environment and
+    // the data mount: one pod spec for both backends.
+    let base_pod = base.pod();
+    let secret = postgres_secret_example();
+    for container in pod.init_containers.iter().chain(&pod.containers) {
+        let name = &container.name;
+        let original = base_pod
+            .init_containers
+            .iter()
+            .chain(&base_pod.containers)
+            .find(|c| &c.name == name)
+            .unwrap_or_else(|| panic!("{dir}: {name} is not the base's"));
+        assert_eq!(container.image, original.image, "{dir} {name}");
+        assert_eq!(container.command, original.command, "{dir} {name}");
+        assert_eq!(container.args, original.args, "{dir} {name}");
+        assert_eq!(container.ports, original.ports, "{dir} {name}");
+        assert_eq!(
+            container.startup_probe, original.startup_probe,
+            "{dir} {name}"
+        );
+        assert_eq!(
+            container.readiness_probe, original.readiness_probe,
+            "{dir} {name}"
+        );
+        assert_eq!(
+            container.liveness_probe, original.liveness_probe,
+            "{dir} {name}"
+        );
+        assert_eq!(container.lifecycle, original.lifecycle, "{dir} {name}");
+        assert_eq!(container.resources, original.resources, "{dir} {name}");
+        assert_eq!(
+            container.security_context, original.security_context,
+            "{dir} {name}"
+        );
+        let kept: Vec<&VolumeMount> = original
+            .volume_mounts
+            .iter()
+            .filter(|v| v.name != data)
+            .collect();
+        assert_eq!(
+            container.volume_mounts.iter().collect::<Vec<_>>(),
+            kept,
+            "{dir} {name}"
+        );
+        assert!(
+            container
+                .volume_mounts
+                .iter()
+                .all(|v| &v.mount_path != data_path),
+            "{dir} {name}: nothing at {data_path}"
+        );
+
+        // The URL from the Secret; the pool sized so every replica fits.
+        let url = container
+            .env
+            .iter()
+            .find(|v| v.name == "USER_MANAGER__DATABASE__URL")
+            .unwrap_or_else(|| panic!("{dir} {name}: the database URL"));
+        assert!(
+            url.value.is_none(),
+            "{dir} {name}: the URL is not in the manifest"
+        );
+        let reference = &url.value_from.as_ref().unwrap()["secretKeyRef"];
+        assert_eq!(
+            reference["name"], secret["metadata"]["name"],
+            "{dir} {name}"
+        );
+        let key = reference["key"].as_str().expect("a key");
+        assert!(
+            secret["stringData"][key].is_string(),
+            "{dir} {name}: secret.example.yaml has no key {key}"
+        );
+        let pool: u32 = container
+            .env
+            .iter()
+            .find(|v| v.name == "USER_MANAGER__DATABASE__POSTGRES__MAX_CONNECTIONS")
+            .and_then(|v| v.value.as_deref()?.parse().ok())
+            .unwrap_or_else(|| panic!("{dir} {name}: a pool size"));
+        let hpa = &m.hpa.as_ref().expect("an HPA").spec;
+        // Each replica's pool, and its init container's while it migrates.
+        assert!(
+            hpa.max_replicas * (pool + 1) < POSTGRES_MAX_CONNECTIONS,
+            "{dir}: {} replicas of {pool} connections exceed PostgreSQL's {POSTGRES_MAX_CONNECTIONS}",
+            hpa.max_replicas
+        );
+    }
+    assert_eq!(
+        pod.init_containers
+            .iter()
+            .map(|c| c.args.clone().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        [["migrate"]],
+        "{dir}: every replica migrates first (safe concurrently on PostgreSQL)"
+    );
+    let server = m.server();
+    let readiness = server.readiness_probe.as_ref().expect("readiness");
+    assert_eq!(readiness.grpc.service, "readiness", "follows the database");
+    let liveness = server.liveness_probe.as_ref().expect("liveness");
+    assert_eq!(liveness.grpc.service, "liveness");
+
+    // Spread across nodes, counting this workload's pods.
+    let spread = pod
+        .topology_spread_constraints
+        .iter()
+        .find(|c| c.topology_key == "kubernetes.io/hostname")
+        .unwrap_or_else(|| panic!("{dir}: replicas spread across nodes"));
+    assert_eq!(spread.when_unsatisfiable, "DoNotSchedule");
+    assert_selects(dir, &spread.label_selector, pod_labels);
+
+    // The HPA scales this Deployment on CPU, from its replicas up.
+    let hpa = &m.hpa.as_ref().expect("an HPA").spec;
+    assert_eq!(hpa.scale_target_ref.api_version, "apps/v1");
+    assert_eq!(hpa.scale_target_ref.kind, "Deployment");
+    assert_eq!(hpa.scale_target_ref.name, m.workload.metadata.name);
+    assert_eq!(hpa.min_replicas, spec.replicas, "{dir}: minReplicas");
+    assert!(hpa.max_replicas > hpa.min_replicas);
+    assert!(
+        hpa.metrics
+            .iter()
+            .any(|metric| metric["resource"]["name"].as_str() == Some("cpu")),
+        "{dir}: scales on CPU"
+    );
+    assert!(
+        server.resources.requests.contains_key("cpu"),
+        "{dir}: CPU utilization needs a CPU request"
+    );
+
+    // A drain may take one replica at a time; the base's budget takes none.
+    let budget = &m.pdb.spec;
+    assert!(
+        budget.max_unavailable.as_ref().and_then(Value::as_u64) == Some(1)
+            || budget.min_available.as_ref().and_then(Value::as_u64) == Some(1),
+        "{dir}: maxUnavailable 1 or minAvailable 1"
+    );
+    assert!(
+        m.services
+            .iter()
+            .all(|s| s.spec.cluster_ip.as_deref() != Some("None")),
+        "{dir}: no headless Service: replicas need no identity"
+    );
+}
+
+/// deploy/k8s/overlays/postgres/secret.example.yaml: an example only, not a
+/// resource of the overlay, with a value nobody could mistake for a password.
+fn postgres_secret_example() -> Value {
+    let path = Path::new(REPO)
+        .join(POSTGRES_OVERLAY)
+        .join("secret.example.yaml");
+    let secret: Value = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(secret["kind"].as_str(), Some("Secret"));
+    let kustomization = std::fs::read_to_string(
+        Path::new(REPO)
+            .join(POSTGRES_OVERLAY)
+            .join("kustomization.yaml"),
+    )
+    .unwrap();
+    assert!(
+        !kustomization
+            .lines()
+            .any(|l| l.trim_start().starts_with("- secret.example.yaml")),
+        "the example Secret is not applied"
+    );
+    for (_, url) in secret["stringData"].as_mapping().expect("stringData") {
+        let url = url.as_str().unwrap();
+        assert!(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "{url}"
+        );
+        assert!(url.contains("CHANGE-ME"), "{url}: an obvious placeholder");
+    }
+    secret
 }
 
 /// A server started the way a deployment starts it.
@@ -823,7 +1062,7 @@ async fn start(
 async fn start_pod(dir: &str) -> Started {
     let mut pod = Pod::new(dir);
     let settings = pod.server.settings(&pod.rootfs);
-    let claim = &pod.manifests.statefulset.spec.volume_claim_templates[0]
+    let claim = &pod.manifests.workload.spec.volume_claim_templates[0]
         .metadata
         .name;
     let server = pod.manifests.server();
