@@ -78,15 +78,17 @@ fn every_kustomization_renders_and_passes_strict_schema_validation() {
 }
 
 #[test]
-fn the_compose_file_passes_docker_compose_config() {
-    success(
-        "docker-compose config",
-        run_tool(
-            "docker-compose",
-            &["-f", "deploy/compose.yaml", "config", "-q"],
-            "scripts/test installs it into target/compose-venv (tests/requirements-compose.txt)",
-        ),
-    );
+fn the_compose_files_pass_docker_compose_config() {
+    for file in ["deploy/compose.yaml", COMPOSE_POSTGRES] {
+        success(
+            &format!("docker-compose -f {file} config"),
+            run_tool(
+                "docker-compose",
+                &["-f", file, "config", "-q"],
+                COMPOSE_COMES_FROM,
+            ),
+        );
+    }
 }
 
 #[test]
@@ -1175,6 +1177,9 @@ struct ComposeHealthcheck {
     start_period: String,
 }
 
+const COMPOSE_POSTGRES: &str = "deploy/compose.postgres.yaml";
+const COMPOSE_COMES_FROM: &str =
+    "scripts/test installs it into target/compose-venv (tests/requirements-compose.txt)";
 const COMPOSE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
 impl Compose {
@@ -1359,5 +1364,127 @@ async fn the_compose_service_serves_and_passes_its_healthcheck() {
             .environment
             .get("OTEL_EXPORTER_OTLP_ENDPOINT")
             .map(String::as_str)
+    );
+}
+
+/// deploy/compose.postgres.yaml as compose resolves it (anchors merged,
+/// variables at their defaults). Checked statically: running it needs a
+/// PostgreSQL server.
+#[test]
+fn the_compose_postgres_variant_runs_two_replicas_on_a_healthy_migrated_database() {
+    let resolved = success(
+        &format!("docker-compose -f {COMPOSE_POSTGRES} config"),
+        run_tool(
+            "docker-compose",
+            &["-f", COMPOSE_POSTGRES, "config"],
+            COMPOSE_COMES_FROM,
+        ),
+    );
+    let compose: Value = serde_norway::from_str(&resolved).unwrap();
+    let services = &compose["services"];
+    let text = |value: &Value| value.as_str().map(str::to_owned).unwrap_or_default();
+
+    // PostgreSQL 15, pinned, on a declared volume, with a readiness check.
+    let postgres = &services["postgres"];
+    let image = text(&postgres["image"]);
+    let tag = image.strip_prefix("postgres:").expect("the postgres image");
+    assert!(
+        tag.starts_with("15.") && tag.contains('.'),
+        "{image}: pinned"
+    );
+    let test: Vec<String> = postgres["healthcheck"]["test"]
+        .as_sequence()
+        .expect("a healthcheck")
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(test[..2], ["CMD", "pg_isready"]);
+    let volume = postgres["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .find_map(|v| {
+            v.strip_suffix(":/var/lib/postgresql/data:rw")
+                .map(str::to_owned)
+        })
+        .expect("the data directory on a volume");
+    assert!(
+        !compose["volumes"][volume.as_str()].is_null(),
+        "volume {volume}"
+    );
+    let postgres_env = |name: &str| text(&postgres["environment"][name]);
+
+    // The migration and the replicas: the image, the URL of that database,
+    // nothing at /data, started once PostgreSQL answers.
+    let reference = Compose::read();
+    let reference = reference.service("user-manager");
+    for name in ["migrate", "user-manager"] {
+        let service = &services[name];
+        assert_eq!(text(&service["image"]), format!("user-manager:{VERSION}"));
+        assert_eq!(service["read_only"].as_bool(), Some(true), "{name}");
+        let url = text(&service["environment"]["USER_MANAGER__DATABASE__URL"]);
+        let (credentials, place) = url
+            .strip_prefix("postgres://")
+            .and_then(|rest| rest.split_once('@'))
+            .unwrap_or_else(|| panic!("{name}: {url} is not postgres://USER:PASSWORD@HOST"));
+        let (user, password) = credentials.split_once(':').unwrap();
+        assert_eq!(user, postgres_env("POSTGRES_USER"), "{name}");
+        assert_eq!(password, postgres_env("POSTGRES_PASSWORD"), "{name}");
+        assert_eq!(
+            place,
+            format!("postgres:5432/{}", postgres_env("POSTGRES_DB")),
+            "{name}: the postgres service's database"
+        );
+        assert_eq!(
+            text(&service["depends_on"]["postgres"]["condition"]),
+            "service_healthy",
+            "{name}"
+        );
+        for mount in service["volumes"].as_sequence().unwrap().iter().map(text) {
+            assert!(!mount.contains(":/data"), "{name}: {mount}");
+        }
+    }
+    let command = |name: &str| services[name]["command"][0].as_str().map(str::to_owned);
+    assert_eq!(command("migrate").as_deref(), Some("migrate"));
+    assert_eq!(command("user-manager").as_deref(), Some("serve"));
+    let server = &services["user-manager"];
+    assert_eq!(
+        text(&server["depends_on"]["migrate"]["condition"]),
+        "service_completed_successfully",
+        "the replicas start on a migrated database"
+    );
+
+    // Two replicas, a host port each, probed and stopped as compose.yaml's.
+    let replicas = server["deploy"]["replicas"]
+        .as_u64()
+        .expect("deploy.replicas");
+    assert!(replicas >= 2);
+    let port = Settings::load_from(Sources {
+        app_env: None,
+        file: Some(Path::new(REPO).join("deploy/k8s/base/config.toml")),
+        env: Some(Default::default()),
+    })
+    .unwrap()
+    .server
+    .listen
+    .port();
+    for published in server["ports"].as_sequence().expect("ports") {
+        assert_eq!(published["target"].as_u64(), Some(u64::from(port)));
+        let range = text(&published["published"]);
+        let (low, high) = range.split_once('-').expect("a range of host ports");
+        let (low, high): (u64, u64) = (low.parse().unwrap(), high.parse().unwrap());
+        assert!(high - low + 1 >= replicas, "{range}: a port per replica");
+    }
+    let healthcheck: Vec<String> = server["healthcheck"]["test"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(healthcheck, reference.healthcheck.as_ref().unwrap().test);
+    assert_eq!(
+        server["stop_grace_period"].as_str(),
+        reference.stop_grace_period.as_deref()
     );
 }
