@@ -53,7 +53,7 @@ const POD_NAMESPACE: &str = "default";
 
 #[test]
 fn every_kustomization_renders_and_passes_strict_schema_validation() {
-    let secret_example = format!("{POSTGRES_OVERLAY}/secret.example.yaml");
+    let secret_example = format!("{POSTGRES_COMPONENT}/secret.example.yaml");
     for dir in KUSTOMIZATIONS.into_iter().chain([POSTGRES_OVERLAY]) {
         let rendered = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(rendered.path(), kustomize(dir)).unwrap();
@@ -806,6 +806,8 @@ fn assert_selects(dir: &str, selector: &LabelSelector, pod_labels: &BTreeMap<Str
 // ---------------------------------------------------------------- the postgres overlay
 
 const POSTGRES_OVERLAY: &str = "deploy/k8s/overlays/postgres";
+/// What the overlay adds to the base, as a component other kustomizations can use.
+const POSTGRES_COMPONENT: &str = "deploy/k8s/components/postgres";
 /// PostgreSQL's default max_connections: what the replicas' pools must fit in.
 const POSTGRES_MAX_CONNECTIONS: u32 = 100;
 
@@ -814,9 +816,60 @@ const POSTGRES_MAX_CONNECTIONS: u32 = 100;
 /// its binary run needs a PostgreSQL server (tests/common/postgres.rs).
 #[test]
 fn the_postgres_overlay_runs_the_base_pod_as_stateless_replicas() {
-    let dir = POSTGRES_OVERLAY;
     let base = Manifests::render("deploy/k8s/base");
-    let m = Manifests::render(dir);
+    let overlay = Manifests::render(POSTGRES_OVERLAY);
+    assert_stateless_replicas_of(POSTGRES_OVERLAY, &overlay, &base);
+}
+
+/// deploy/README.md promises that the component mixes into the other
+/// kustomizations: production plus the component keeps production's pod.
+#[test]
+fn the_postgres_component_turns_production_into_stateless_replicas_too() {
+    // kustomize takes only relative paths, so the kustomization sits in the
+    // repository, under target/.
+    let target = Path::new(REPO).join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("kustomize.")
+        .tempdir_in(&target)
+        .unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "resources:\n  - ../../deploy/k8s/overlays/production\n\
+         components:\n  - ../../deploy/k8s/components/postgres\n",
+    )
+    .unwrap();
+    let rendered = kustomize(dir.path().to_str().unwrap());
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    let secret = format!("{POSTGRES_COMPONENT}/secret.example.yaml");
+    for version in KUBERNETES_VERSIONS {
+        success(
+            &format!("kubernetes-validate --strict of production + postgres for {version}"),
+            run_tool(
+                "kubernetes-validate",
+                &[
+                    "--strict",
+                    "--quiet",
+                    "--kubernetes-version",
+                    version,
+                    file.to_str().unwrap(),
+                    &secret,
+                ],
+                "scripts/test installs PyPI's kubernetes-validate from tests/requirements.txt",
+            ),
+        );
+    }
+    let label = "production + components/postgres";
+    let production = Manifests::render("deploy/k8s/overlays/production");
+    let composed = Manifests::parse(label, &rendered);
+    assert_stateless_replicas_of(label, &composed, &production);
+}
+
+/// `m` runs `original`'s pod (a StatefulSet's, for SQLite) as the stateless
+/// replicas of a Deployment on PostgreSQL.
+fn assert_stateless_replicas_of(dir: &str, m: &Manifests, original: &Manifests) {
+    let base = original;
     assert_eq!(base.workload.kind, "StatefulSet");
     assert_eq!(m.workload.kind, "Deployment", "{dir}");
     let spec = &m.workload.spec;
@@ -827,7 +880,7 @@ fn the_postgres_overlay_runs_the_base_pod_as_stateless_replicas() {
         Some(0),
         "{dir}: a rollout starts a new pod before it stops an old one"
     );
-    assert_labels_and_selectors(dir, &m);
+    assert_labels_and_selectors(dir, m);
     let pod_labels = &spec.template.metadata.labels;
 
     // No volume for data: only the config and a scratch /tmp.
@@ -886,6 +939,9 @@ fn the_postgres_overlay_runs_the_base_pod_as_stateless_replicas() {
             container.security_context, original.security_context,
             "{dir} {name}"
         );
+        for var in &original.env {
+            assert!(container.env.contains(var), "{dir} {name}: {var:?} kept");
+        }
         let kept: Vec<&VolumeMount> = original
             .volume_mounts
             .iter()
@@ -994,26 +1050,25 @@ fn the_postgres_overlay_runs_the_base_pod_as_stateless_replicas() {
     );
 }
 
-/// deploy/k8s/overlays/postgres/secret.example.yaml: an example only, not a
-/// resource of the overlay, with a value nobody could mistake for a password.
+/// deploy/k8s/components/postgres/secret.example.yaml: an example only, not
+/// a resource of the component or the overlay, with a value nobody could
+/// mistake for a password.
 fn postgres_secret_example() -> Value {
     let path = Path::new(REPO)
-        .join(POSTGRES_OVERLAY)
+        .join(POSTGRES_COMPONENT)
         .join("secret.example.yaml");
     let secret: Value = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert_eq!(secret["kind"].as_str(), Some("Secret"));
-    let kustomization = std::fs::read_to_string(
-        Path::new(REPO)
-            .join(POSTGRES_OVERLAY)
-            .join("kustomization.yaml"),
-    )
-    .unwrap();
-    assert!(
-        !kustomization
-            .lines()
-            .any(|l| l.trim_start().starts_with("- secret.example.yaml")),
-        "the example Secret is not applied"
-    );
+    for dir in [POSTGRES_COMPONENT, POSTGRES_OVERLAY] {
+        let kustomization =
+            std::fs::read_to_string(Path::new(REPO).join(dir).join("kustomization.yaml")).unwrap();
+        assert!(
+            !kustomization
+                .lines()
+                .any(|l| l.trim_start().starts_with("- secret.example.yaml")),
+            "{dir} applies the example Secret"
+        );
+    }
     for (_, url) in secret["stringData"].as_mapping().expect("stringData") {
         let url = url.as_str().unwrap();
         assert!(
