@@ -716,8 +716,15 @@ fn context(plan: &Plan, cli: &Cli, binary: &Path, db_dir: &Path, load_before: &s
             cli.replicas
         ),
     };
+    let mut flags = String::new();
+    if let Some(url) = &cli.database_url {
+        flags.push_str(&format!(" --database-url {}", process::redact(url)));
+    }
+    if cli.replicas > 1 {
+        flags.push_str(&format!(" --replicas {}", cli.replicas));
+    }
     format!(
-        "Latest run: `bench --{mode}` on {date}, commit {commit}{dirty}.\n\
+        "Latest run: `bench --{mode}{flags}` on {date}, commit {commit}{dirty}.\n\
          Machine: **{cores} cores** ({cpu}); load generator, reference and user-manager \
          share them over loopback. Load average before the run: {load_before}; after: {load_after}.\n\
          Database: {database}; server binary {binary}.\n\

@@ -137,6 +137,7 @@ fn a_database_url_is_loaded_through_the_seed_and_must_start_empty() {
         "<!-- bench:begin sqlite, 1 replica (written by `bench`",
         "<!-- bench:end sqlite, 1 replica -->",
         "imported through a seed file; 1 user-manager process(es) on it",
+        " --database-url sqlite://",
         "| AddUser, 64 callers | request/s |",
         "Every response was checked: no failures.",
     ] {

@@ -1,7 +1,9 @@
 //! The deployment files in deploy/, checked by the tools that read them and
 //! then run: the binary is started the way the Kubernetes manifests and the
 //! compose file start the container, with their arguments, environment and
-//! config file, so manifests and binary can't drift apart.
+//! config file, so manifests and binary can't drift apart. The PostgreSQL
+//! variants (the postgres overlay and component, compose.postgres.yaml) are
+//! checked statically for now: their run needs a PostgreSQL server.
 //!
 //! There is no container engine here, so the image is not built. Its runtime
 //! stage (COPY, ENV, USER, ENTRYPOINT, CMD, HEALTHCHECK) is read from
