@@ -9,7 +9,7 @@ use sqlx::{
     ConnectOptions, Connection,
     sqlite::{SqliteConnectOptions, SqliteSynchronous},
 };
-use user_manager::proto::User;
+use user_manager::{domain::UserType, proto::User};
 
 /// The type GetUsersByType asks for: ids with `id % 4 == 1`, a quarter of them.
 pub const STREAMED_TYPE: i32 = 2;
@@ -75,6 +75,32 @@ pub async fn populate(db: &Path, users: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes users 1..=`users` as a seed file (the format of `seed/users.json`),
+/// for `user-manager migrate` to import: how the benchmark fills a database
+/// it can only reach through the service, whatever its backend.
+pub fn write_seed(path: &Path, users: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("creating the seed file {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    write!(out, "{{")?;
+    for id in 1..=users {
+        let user = user(id);
+        let user_type = UserType::from_number(user.user_type)
+            .context("a user type the service knows")?
+            .name();
+        let separator = if id == 1 { "" } else { "," };
+        write!(
+            out,
+            "{separator}\n\"{id}\": {{\"nickname\": \"{}\", \"mail_address\": \"{}\", \"user_type\": \"{user_type}\"}}",
+            user.nickname, user.mail_address
+        )?;
+    }
+    writeln!(out, "\n}}")?;
+    out.flush()?;
+    Ok(())
+}
+
 /// SplitMix64: a tiny, fast generator; reproducible per seed.
 pub struct Rng(u64);
 
@@ -118,6 +144,22 @@ mod tests {
                 .map(|_| rng.id(7))
                 .all(|id| (1..=7).contains(&id))
         );
+    }
+
+    #[test]
+    fn the_seed_file_holds_the_generated_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.json");
+        write_seed(&path, 9).unwrap();
+        let users = user_manager::seed::load(&path).unwrap();
+        assert_eq!(users.len(), 9);
+        for (stored, id) in users.iter().zip(1..) {
+            let expected = user(id);
+            assert_eq!(stored.id.get(), id);
+            assert_eq!(stored.nickname.as_str(), expected.nickname);
+            assert_eq!(stored.mail_address.as_str(), expected.mail_address);
+            assert_eq!(stored.user_type.number(), expected.user_type);
+        }
     }
 
     #[test]

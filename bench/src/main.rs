@@ -4,7 +4,9 @@
 //! `cargo run --release -p user-manager-bench -- --quick|--full|--smoke`
 //! builds the release server, loads a fresh temporary database, runs every
 //! workload against both servers, prints the report and (except in smoke
-//! mode) writes it into BENCHMARKS.md.
+//! mode) writes it into BENCHMARKS.md. `--database-url postgres://…` runs
+//! user-manager on that (empty) database instead, `--replicas N` as N
+//! processes sharing it.
 
 // In a binary nothing is reachable from outside: `pub` here means "used by
 // another module of it", which is what the modules say.
@@ -32,7 +34,7 @@ use tonic::transport::Channel;
 
 use crate::{
     load::{Outcome, Window},
-    process::ServerProcess,
+    process::{Database, Fleet, ServerProcess},
     report::{Measured, MinRatio, Report},
 };
 
@@ -70,6 +72,17 @@ struct Cli {
     /// Directory for the temporary database (default: the system's temp dir).
     #[arg(long, value_name = "DIR")]
     db_dir: Option<PathBuf>,
+    /// Run user-manager on this database instead of a temporary SQLite file,
+    /// e.g. postgres://user:password@host:5432/db. It must be empty: the
+    /// benchmark migrates it, imports its users through a seed file and adds
+    /// users to it. (Candidates would share it, so no --candidate-bin.)
+    #[arg(long, value_name = "URL", conflicts_with = "candidate_bin")]
+    database_url: Option<String>,
+    /// user-manager processes on the one database, clients spread over them
+    /// round-robin, their CPU time and memory summed. More than one needs a
+    /// PostgreSQL --database-url: a SQLite file has one writer.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    replicas: usize,
     /// Internal: serve as the reference server on ADDR.
     #[arg(long, value_name = "ADDR", hide = true)]
     reference_server: Option<SocketAddr>,
@@ -165,9 +178,10 @@ fn main() -> ExitCode {
 /// One server under load, with the connections the load generator uses.
 struct Side {
     name: String,
-    server: ServerProcess,
-    /// How to start it again: binary and database (user-manager servers only).
-    restart: Option<(PathBuf, PathBuf)>,
+    server: Fleet,
+    /// How to start it again: binary, database and where its logs go
+    /// (user-manager servers only).
+    restart: Option<(PathBuf, Database, PathBuf)>,
     channels: Vec<Channel>,
     /// The next id AddUser will add.
     next_id: Arc<AtomicU32>,
@@ -222,13 +236,79 @@ async fn measure(
     })
 }
 
-/// A user-manager server over `db`, timed from process start to SERVING.
-async fn start_user_manager(binary: &Path, db: &Path) -> anyhow::Result<(ServerProcess, Duration)> {
-    let log = db.with_file_name("server.log");
+/// `replicas` user-manager servers over `db`, started at once, timed from
+/// then until the last is SERVING. Their logs go to `logs`.
+async fn start_user_manager(
+    binary: &Path,
+    db: &Database,
+    logs: &Path,
+    replicas: usize,
+) -> anyhow::Result<(Fleet, Duration)> {
     let started = Instant::now();
-    let mut server = ServerProcess::user_manager(binary, db, &log)?;
-    let took = server.wait_serving(started).await?;
-    Ok((server, took))
+    let mut servers = Vec::with_capacity(replicas);
+    for i in 0..replicas {
+        let log = match i {
+            0 => logs.join("server.log"),
+            i => logs.join(format!("server-{i}.log")),
+        };
+        servers.push(ServerProcess::user_manager(binary, db, &log)?);
+    }
+    let mut took = Duration::ZERO;
+    for server in &mut servers {
+        took = took.max(server.wait_serving(started).await?);
+    }
+    Ok((Fleet::new(servers), took))
+}
+
+/// The database the run is about: `--database-url`'s, and whether
+/// `--replicas` can share it.
+fn check_database(cli: &Cli) -> anyhow::Result<()> {
+    if cli.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    let postgres = cli
+        .database_url
+        .as_deref()
+        .is_some_and(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"));
+    if cli.replicas > 1 && !postgres {
+        bail!(
+            "--replicas {} needs a PostgreSQL database (--database-url postgres://…): \
+             replicas share one database, and a SQLite file has one writer",
+            cli.replicas
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless the database holds exactly the benchmark's users: the seed
+/// was imported (a database seeded before keeps its old users) and nothing
+/// was added since (AddUser would find its ids taken).
+async fn check_dataset(side: &Side, users: u32) -> anyhow::Result<()> {
+    use user_manager::proto::{UserRequest, user_manager_client::UserManagerClient};
+    let client = UserManagerClient::new(side.channels[0].clone());
+    let get = |id| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_user(UserRequest { id })
+                .await
+                .map(|r| r.into_inner().user)
+        }
+    };
+    let last = get(users).await.context("reading the last user")?;
+    if !last.is_some_and(|u| dataset::is_user(&u, users)) {
+        bail!(
+            "user {users} is not the benchmark's: the database was not empty \
+             (its seed was imported before); give --database-url an empty database"
+        );
+    }
+    if get(users + 1).await.is_ok_and(|u| u.is_some()) {
+        bail!(
+            "user {} exists: the database was used before; give --database-url an empty database",
+            users + 1
+        );
+    }
+    Ok(())
 }
 
 /// The candidates' column names: their file names, unless ambiguous.
@@ -244,6 +324,7 @@ fn candidate_names(paths: &[PathBuf]) -> Vec<String> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u64> {
+    check_database(&cli)?;
     let plan = Plan::of(&cli);
     if cfg!(debug_assertions) && !cli.smoke {
         eprintln!("bench: warning: the load generator is a debug build; use `cargo run --release`");
@@ -270,27 +351,42 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     );
     let load_before = loadavg();
     let prepared = Instant::now();
-    let db = tmp.path().join("user-manager").join("users.db");
-    std::fs::create_dir_all(tmp.path().join("user-manager"))?;
-    let migrated = process::user_manager_command(&binary, &db)
-        .arg("migrate")
-        .stdout(Stdio::null())
-        .status()
-        .context("running user-manager migrate")?;
+    let logs = tmp.path().join("user-manager");
+    std::fs::create_dir_all(&logs)?;
+    let db = match &cli.database_url {
+        Some(url) => Database::Url(url.clone()),
+        None => Database::File(logs.join("users.db")),
+    };
+    let mut migrate = process::user_manager_command(&binary, &db);
+    migrate.arg("migrate").stdout(Stdio::null());
+    if cli.database_url.is_some() {
+        // Through the service's own seed import: works on any backend.
+        let seed = tmp.path().join("seed.json");
+        dataset::write_seed(&seed, plan.users)?;
+        migrate.env("USER_MANAGER__SEED__PATH", &seed);
+    }
+    let migrated = migrate.status().context("running user-manager migrate")?;
     if !migrated.success() {
         bail!("user-manager migrate failed ({migrated})");
     }
-    dataset::populate(&db, plan.users).await?;
-    // Each user-manager server gets its own copy: AddUser writes to it.
-    let mut servers = vec![("user-manager".to_owned(), binary.clone(), db.clone())];
-    for (name, path) in candidate_names(&cli.candidate_bin)
-        .into_iter()
-        .zip(&cli.candidate_bin)
-    {
-        let dir = tmp.path().join(format!("candidate-{}", servers.len()));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::copy(&db, dir.join("users.db")).context("copying the database")?;
-        servers.push((name, path.clone(), dir.join("users.db")));
+    let mut servers = vec![("user-manager".to_owned(), binary.clone(), db.clone(), logs)];
+    if let Database::File(file) = &db {
+        dataset::populate(file, plan.users).await?;
+        // Each user-manager server gets its own copy: AddUser writes to it.
+        for (name, path) in candidate_names(&cli.candidate_bin)
+            .into_iter()
+            .zip(&cli.candidate_bin)
+        {
+            let dir = tmp.path().join(format!("candidate-{}", servers.len()));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::copy(file, dir.join("users.db")).context("copying the database")?;
+            servers.push((
+                name,
+                path.clone(),
+                Database::File(dir.join("users.db")),
+                dir,
+            ));
+        }
     }
     eprintln!(
         "bench: database ready in {:.1} s",
@@ -301,18 +397,18 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     reference.wait_answering().await?;
     let mut sides = vec![Side {
         name: "reference".into(),
-        server: reference,
+        server: Fleet::new(vec![reference]),
         restart: None,
         channels: Vec::new(),
         next_id: Arc::new(AtomicU32::new(plan.users + 1)),
         startups: Vec::new(),
     }];
-    for (name, binary, db) in servers {
-        let (server, took) = start_user_manager(&binary, &db).await?;
+    for (name, binary, db, logs) in servers {
+        let (server, took) = start_user_manager(&binary, &db, &logs, cli.replicas).await?;
         sides.push(Side {
             name,
             server,
-            restart: Some((binary, db)),
+            restart: Some((binary, db, logs)),
             channels: Vec::new(),
             next_id: Arc::new(AtomicU32::new(plan.users + 1)),
             startups: vec![took],
@@ -323,6 +419,9 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     let idle: Vec<Option<u64>> = sides.iter().map(|s| s.server.rss_kib()).collect();
     for side in &mut sides {
         side.channels = side.server.connect(CONNECTIONS).await?;
+    }
+    if cli.database_url.is_some() {
+        check_dataset(&sides[1], plan.users).await?;
     }
 
     let (users, window) = (plan.users, plan.window);
@@ -447,14 +546,14 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     let mut idle_fresh = vec![None];
     let mut startups = Vec::new();
     for side in sides.drain(..) {
-        let Some((binary, db)) = side.restart else {
+        let Some((binary, db, logs)) = side.restart else {
             continue;
         };
         side.server.terminate()?;
         let mut samples = side.startups;
         let mut fresh = None;
         for _ in 0..plan.starts {
-            let (server, took) = start_user_manager(&binary, &db).await?;
+            let (server, took) = start_user_manager(&binary, &db, &logs, cli.replicas).await?;
             samples.push(took);
             if fresh.is_none() {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -500,7 +599,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
 
     let results = format!(
         "{}\n{}",
-        context(&plan, &binary, tmp.path(), &load_before),
+        context(&plan, &cli, &binary, tmp.path(), &load_before),
         report.render()
     );
     println!("{results}");
@@ -510,10 +609,27 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         (None, true) => None,
     };
     if let Some(out) = out {
-        report::write_into(&out, &results)?;
+        report::write_into(&out, block_label(&cli).as_deref(), &results)?;
         eprintln!("bench: results written to {}", out.display());
     }
     Ok(report.failures)
+}
+
+/// Which block of BENCHMARKS.md a run writes: SQLite's is the unlabelled
+/// one; each database and replica count has its own beside it.
+fn block_label(cli: &Cli) -> Option<String> {
+    let url = cli.database_url.as_deref()?;
+    let backend = url.split_once(':').map_or(url, |(scheme, _)| scheme);
+    let backend = if backend == "postgresql" {
+        "postgres"
+    } else {
+        backend
+    };
+    let replicas = match cli.replicas {
+        1 => "1 replica".to_owned(),
+        n => format!("{n} replicas"),
+    };
+    Some(format!("{backend}, {replicas}"))
 }
 
 fn workspace_root() -> PathBuf {
@@ -548,7 +664,7 @@ fn build_server() -> anyhow::Result<PathBuf> {
 }
 
 /// What the numbers depend on: mode, machine, load, code version.
-fn context(plan: &Plan, binary: &Path, db_dir: &Path, load_before: &str) -> String {
+fn context(plan: &Plan, cli: &Cli, binary: &Path, db_dir: &Path, load_before: &str) -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -591,16 +707,35 @@ fn context(plan: &Plan, binary: &Path, db_dir: &Path, load_before: &str) -> Stri
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "unknown".into());
+    let database = match &cli.database_url {
+        None => format!(
+            "{} users in a fresh {filesystem} temporary directory",
+            plan.users
+        ),
+        Some(url) => format!(
+            "{} users in {}, imported through a seed file; {} user-manager process(es) on it, \
+             connections spread round-robin, server CPU and memory summed over them",
+            plan.users,
+            process::redact(url),
+            cli.replicas
+        ),
+    };
+    let mut flags = String::new();
+    if let Some(url) = &cli.database_url {
+        flags.push_str(&format!(" --database-url {}", process::redact(url)));
+    }
+    if cli.replicas > 1 {
+        flags.push_str(&format!(" --replicas {}", cli.replicas));
+    }
     format!(
-        "Latest run: `bench --{mode}` on {date}, commit {commit}{dirty}.\n\
+        "Latest run: `bench --{mode}{flags}` on {date}, commit {commit}{dirty}.\n\
          Machine: **{cores} cores** ({cpu}); load generator, reference and user-manager \
          share them over loopback. Load average before the run: {load_before}; after: {load_after}.\n\
-         Database: {users} users in a fresh {filesystem} temporary directory; server binary {binary}.\n\
+         Database: {database}; server binary {binary}.\n\
          GetUser and AddUser: {CALLERS} callers over {CONNECTIONS} HTTP/2 connections; \
          {passes} pass(es) per workload, each server's best kept; windows of {measure:.1} s after {warmup:.1} s warm-up.\n",
         mode = plan.mode,
         load_after = loadavg(),
-        users = plan.users,
         binary = binary.display(),
         passes = plan.passes,
         measure = plan.window.measure.as_secs_f64(),

@@ -37,7 +37,7 @@ impl ServerProcess {
     /// Settings the caller exported as `USER_MANAGER__*` pass through, so a
     /// setting can be benchmarked without editing anything; the address, the
     /// database and the seed are the benchmark's.
-    pub fn user_manager(binary: &Path, db: &Path, log: &Path) -> anyhow::Result<Self> {
+    pub fn user_manager(binary: &Path, db: &Database, log: &Path) -> anyhow::Result<Self> {
         let addr = free_addr()?;
         let mut cmd = user_manager_command(binary, db);
         cmd.arg("serve")
@@ -207,18 +207,109 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The database the user-manager servers run on.
+#[derive(Clone)]
+pub enum Database {
+    /// A SQLite file the benchmark made; each server gets its own.
+    File(PathBuf),
+    /// A PostgreSQL database the caller named (`--database-url`), shared by
+    /// every replica.
+    Url(String),
+}
+
+impl Database {
+    pub fn url(&self) -> String {
+        match self {
+            Database::File(path) => format!("sqlite://{}", path.display()),
+            Database::Url(url) => url.clone(),
+        }
+    }
+}
+
+/// `scheme://user:password@host/db?query` as `scheme://host/db`.
+pub fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, place)| place);
+    let rest = rest.split_once('?').map_or(rest, |(place, _)| place);
+    format!("{scheme}://{rest}")
+}
+
 /// `user-manager` with a clean environment: the benchmark's database, no
-/// seed, and only the caller's own `USER_MANAGER__*` settings besides.
-pub fn user_manager_command(binary: &Path, db: &Path) -> Command {
+/// seed, and only the caller's own `USER_MANAGER__*` settings besides (and
+/// libpq's `PG*` variables, e.g. PGPASSWORD, which sqlx reads too).
+pub fn user_manager_command(binary: &Path, db: &Database) -> Command {
     let mut cmd = Command::new(binary);
     cmd.env_clear()
-        .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k.starts_with("USER_MANAGER__")))
-        .env(
-            "USER_MANAGER__DATABASE__URL",
-            format!("sqlite://{}", db.display()),
+        .envs(
+            std::env::vars().filter(|(k, _)| {
+                k == "PATH" || k.starts_with("USER_MANAGER__") || k.starts_with("PG")
+            }),
         )
+        .env("USER_MANAGER__DATABASE__URL", db.url())
         .env("USER_MANAGER__SEED__PATH", "");
     cmd
+}
+
+/// The processes of one server under test: one, or `--replicas` of
+/// user-manager on one database. Connections go to them round-robin; CPU
+/// time and memory are summed over them.
+pub struct Fleet {
+    processes: Vec<ServerProcess>,
+}
+
+impl Fleet {
+    pub fn new(processes: Vec<ServerProcess>) -> Self {
+        assert!(!processes.is_empty(), "a fleet of no servers");
+        Self { processes }
+    }
+
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        self.processes
+            .iter_mut()
+            .try_for_each(ServerProcess::ensure_running)
+    }
+
+    /// `count` HTTP/2 connections, connection `i` to process `i % n`; at
+    /// least one per process.
+    pub async fn connect(&self, count: usize) -> anyhow::Result<Vec<Channel>> {
+        let n = self.processes.len();
+        let mut channels = Vec::with_capacity(count.max(n));
+        for i in 0..count.max(n) {
+            channels.extend(self.processes[i % n].connect(1).await?);
+        }
+        Ok(channels)
+    }
+
+    fn sum(&self, each: impl Fn(&ServerProcess) -> Option<u64>) -> Option<u64> {
+        self.processes.iter().map(each).sum()
+    }
+
+    /// Resident memory now, summed, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.sum(ServerProcess::rss_kib)
+    }
+
+    /// Each process's peak since [`Self::reset_peak`], summed, in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.sum(ServerProcess::peak_rss_kib)
+    }
+
+    pub fn reset_peak(&self) {
+        self.processes.iter().for_each(ServerProcess::reset_peak);
+    }
+
+    /// CPU time, summed.
+    pub fn cpu_time(&self) -> Duration {
+        self.processes.iter().map(ServerProcess::cpu_time).sum()
+    }
+
+    /// SIGTERM to every process; waits for each to exit.
+    pub fn terminate(self) -> anyhow::Result<()> {
+        for process in self.processes {
+            process.terminate()?;
+        }
+        Ok(())
+    }
 }
 
 /// The health of the whole server, or None if it can't be asked yet.
@@ -276,4 +367,21 @@ fn clock_ticks() -> u64 {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_keeps_only_scheme_host_and_database() {
+        assert_eq!(
+            redact("postgres://bench:s3cret@db.internal:5432/users?sslmode=require"),
+            "postgres://db.internal:5432/users"
+        );
+        assert_eq!(
+            redact("postgres://localhost/users"),
+            "postgres://localhost/users"
+        );
+    }
 }

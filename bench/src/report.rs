@@ -286,12 +286,28 @@ fn mib(bytes: f64) -> String {
 
 /// Replaces the results between the markers of `path` (creating the file,
 /// or appending the markers, when missing), keeping everything else.
-pub fn write_into(path: &Path, results: &str) -> anyhow::Result<()> {
+/// The block's markers: [`BEGIN`] and [`END`] for the unlabelled one (SQLite,
+/// one server), the label inside them for the others ("postgres, 2 replicas").
+fn markers(label: Option<&str>) -> (String, String) {
+    match label {
+        None => (BEGIN.to_owned(), END.to_owned()),
+        Some(label) => (
+            BEGIN.replacen("bench:begin", &format!("bench:begin {label}"), 1),
+            END.replacen("bench:end", &format!("bench:end {label}"), 1),
+        ),
+    }
+}
+
+pub fn write_into(path: &Path, label: Option<&str>, results: &str) -> anyhow::Result<()> {
+    let (begin, end) = markers(label);
     let existing = std::fs::read_to_string(path).unwrap_or_default();
-    let block = format!("{BEGIN}\n{results}\n{END}");
-    let updated = match (existing.find(BEGIN), existing.find(END)) {
-        (Some(b), Some(e)) if b < e => {
-            format!("{}{block}{}", &existing[..b], &existing[e + END.len()..])
+    let block = format!("{begin}\n{results}\n{end}");
+    let found = existing
+        .find(&begin)
+        .and_then(|b| Some((b, b + existing[b..].find(&end)?)));
+    let updated = match found {
+        Some((b, e)) => {
+            format!("{}{block}{}", &existing[..b], &existing[e + end.len()..])
         }
         _ if existing.is_empty() => format!("# Benchmarks\n\n{block}\n"),
         _ => format!("{}\n\n{block}\n", existing.trim_end()),
@@ -307,13 +323,37 @@ mod tests {
     fn results_replace_only_the_marked_block() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("B.md");
-        write_into(&path, "one").unwrap();
+        write_into(&path, None, "one").unwrap();
         let first = std::fs::read_to_string(&path).unwrap();
         assert!(first.contains("one"));
         std::fs::write(&path, format!("notes before\n{first}notes after\n")).unwrap();
-        write_into(&path, "two").unwrap();
+        write_into(&path, None, "two").unwrap();
         let second = std::fs::read_to_string(&path).unwrap();
         assert!(second.contains("two") && !second.contains("one"));
         assert!(second.starts_with("notes before") && second.ends_with("notes after\n"));
+    }
+
+    #[test]
+    fn each_label_has_its_own_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("B.md");
+        write_into(&path, None, "sqlite").unwrap();
+        write_into(&path, Some("postgres, 1 replica"), "pg1").unwrap();
+        write_into(&path, Some("postgres, 2 replicas"), "pg2").unwrap();
+        write_into(&path, Some("postgres, 1 replica"), "pg1 again").unwrap();
+        write_into(&path, None, "sqlite again").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for kept in ["sqlite again", "pg1 again", "pg2"] {
+            assert!(text.contains(kept), "{kept} in {text}");
+        }
+        assert!(
+            !text.contains("sqlite\n") && !text.contains("pg1\n"),
+            "{text}"
+        );
+        let order: Vec<usize> = ["sqlite again", "pg1 again", "pg2"]
+            .iter()
+            .map(|t| text.find(t).unwrap())
+            .collect();
+        assert!(order.is_sorted(), "blocks stay where they were: {text}");
     }
 }

@@ -73,3 +73,85 @@ fn smoke_run_checks_every_workload_and_writes_the_report() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Replicas share one database; a SQLite file has one writer, so the
+/// benchmark refuses before it starts anything.
+#[test]
+fn replicas_need_a_postgres_database() {
+    for database in [None, Some("sqlite:///tmp/users.db")] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bench"));
+        command.args(["--smoke", "--replicas", "2", "--server-bin", "/nonexistent"]);
+        if let Some(url) = database {
+            command.args(["--database-url", url]);
+        }
+        let run = command.output().expect("bench runs");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{database:?}: {stderr}");
+        assert!(
+            stderr.contains("--replicas 2 needs a PostgreSQL database"),
+            "{database:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn candidates_need_their_own_database() {
+    let run = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--smoke", "--database-url", "postgres://localhost/users"])
+        .args(["--candidate-bin", "/nonexistent"])
+        .output()
+        .expect("bench runs");
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("--candidate-bin"), "{stderr}");
+}
+
+/// `--database-url`: the users go in through a seed file and the service's
+/// own `migrate`, as they must for PostgreSQL; a SQLite URL runs the same
+/// path here, with no database server. A second run on the same database is
+/// refused: its users are no longer the benchmark's alone.
+#[test]
+fn a_database_url_is_loaded_through_the_seed_and_must_start_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("BENCHMARKS.md");
+    let url = format!("sqlite://{}", dir.path().join("given.db").display());
+    let bench = || {
+        Command::new(env!("CARGO_BIN_EXE_bench"))
+            .arg("--smoke")
+            .arg("--server-bin")
+            .arg(server_binary())
+            .arg("--database-url")
+            .arg(&url)
+            .arg("--out")
+            .arg(&out)
+            .arg("--db-dir")
+            .arg(dir.path())
+            .output()
+            .expect("bench runs")
+    };
+    let run = bench();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "bench failed:\n{stderr}");
+    let report = std::fs::read_to_string(&out).unwrap();
+    for text in [
+        "<!-- bench:begin sqlite, 1 replica (written by `bench`",
+        "<!-- bench:end sqlite, 1 replica -->",
+        "imported through a seed file; 1 user-manager process(es) on it",
+        " --database-url sqlite://",
+        "| AddUser, 64 callers | request/s |",
+        "Every response was checked: no failures.",
+    ] {
+        assert!(
+            report.contains(text),
+            "no {text:?} in the report:\n{report}"
+        );
+    }
+
+    let again = bench();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "a used database was accepted");
+    assert!(
+        stderr.contains("give --database-url an empty database"),
+        "{stderr}"
+    );
+}

@@ -1,7 +1,9 @@
 //! The deployment files in deploy/, checked by the tools that read them and
 //! then run: the binary is started the way the Kubernetes manifests and the
 //! compose file start the container, with their arguments, environment and
-//! config file, so manifests and binary can't drift apart.
+//! config file, so manifests and binary can't drift apart. The PostgreSQL
+//! variants (the postgres overlay and component, compose.postgres.yaml) are
+//! checked statically for now: their run needs a PostgreSQL server.
 //!
 //! There is no container engine here, so the image is not built. Its runtime
 //! stage (COPY, ENV, USER, ENTRYPOINT, CMD, HEALTHCHECK) is read from
@@ -25,7 +27,7 @@ use crate::{
         BINARY, ServerProcess, health_status,
         tools::{REPO, run_tool, success},
     },
-    k8s::{Container, Manifests, VolumeMount, kustomize},
+    k8s::{Container, LabelSelector, Manifests, VolumeMount, kustomize},
 };
 use serde::Deserialize;
 use serde_norway::Value;
@@ -53,16 +55,23 @@ const POD_NAMESPACE: &str = "default";
 
 #[test]
 fn every_kustomization_renders_and_passes_strict_schema_validation() {
-    for dir in KUSTOMIZATIONS {
+    let secret_example = format!("{POSTGRES_COMPONENT}/secret.example.yaml");
+    for dir in KUSTOMIZATIONS.into_iter().chain([POSTGRES_OVERLAY]) {
         let rendered = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(rendered.path(), kustomize(dir)).unwrap();
-        let path = rendered.path().to_str().unwrap();
+        let mut files = vec![rendered.path().to_str().unwrap()];
+        if dir == POSTGRES_OVERLAY {
+            // The Secret the overlay expects, as its example writes it.
+            files.push(&secret_example);
+        }
         for version in KUBERNETES_VERSIONS {
+            let mut args = vec!["--strict", "--quiet", "--kubernetes-version", version];
+            args.extend(&files);
             success(
                 &format!("kubernetes-validate --strict of {dir} for Kubernetes {version}"),
                 run_tool(
                     "kubernetes-validate",
-                    &["--strict", "--quiet", "--kubernetes-version", version, path],
+                    &args,
                     "scripts/test installs PyPI's kubernetes-validate from tests/requirements.txt",
                 ),
             );
@@ -71,15 +80,17 @@ fn every_kustomization_renders_and_passes_strict_schema_validation() {
 }
 
 #[test]
-fn the_compose_file_passes_docker_compose_config() {
-    success(
-        "docker-compose config",
-        run_tool(
-            "docker-compose",
-            &["-f", "deploy/compose.yaml", "config", "-q"],
-            "scripts/test installs it into target/compose-venv (tests/requirements-compose.txt)",
-        ),
-    );
+fn the_compose_files_pass_docker_compose_config() {
+    for file in ["deploy/compose.yaml", COMPOSE_POSTGRES] {
+        success(
+            &format!("docker-compose -f {file} config"),
+            run_tool(
+                "docker-compose",
+                &["-f", file, "config", "-q"],
+                COMPOSE_COMES_FROM,
+            ),
+        );
+    }
 }
 
 #[test]
@@ -547,7 +558,7 @@ impl Pod {
         let mut rootfs = Rootfs::of(&image);
         let pod = manifests.pod();
         let claims: Vec<&str> = manifests
-            .statefulset
+            .workload
             .spec
             .volume_claim_templates
             .iter()
@@ -599,7 +610,7 @@ impl Pod {
             }
         }
         rootfs.seal();
-        let pod_name = format!("{}-0", manifests.statefulset.metadata.name);
+        let pod_name = format!("{}-0", manifests.workload.metadata.name);
         let launch = |container: &Container| {
             let mut launch = Launch::new(
                 &image,
@@ -649,10 +660,8 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
         let spec = m.pod();
         let settings = pod.server.settings(&pod.rootfs);
         let port = settings.server.listen.port();
-        assert_eq!(
-            m.statefulset.spec.replicas, 1,
-            "{dir}: SQLite has one writer"
-        );
+        assert_eq!(m.workload.kind, "StatefulSet", "{dir}");
+        assert_eq!(m.workload.spec.replicas, 1, "{dir}: SQLite has one writer");
         assert!(
             !spec.enable_service_links,
             "{dir}: service links add USER_MANAGER_* variables"
@@ -754,34 +763,323 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
             );
         }
 
-        // Recommended labels, the version being the crate's.
-        for (resource, labels) in &m.labels {
-            for key in ["name", "instance", "component", "part-of", "managed-by"] {
-                assert!(
-                    labels.contains_key(&format!("app.kubernetes.io/{key}")),
-                    "{dir} {resource}: app.kubernetes.io/{key}"
-                );
-            }
-            assert_eq!(
-                labels.get("app.kubernetes.io/version").map(String::as_str),
-                Some(VERSION),
-                "{dir} {resource}"
+        assert_labels_and_selectors(dir, m);
+    }
+}
+
+/// Recommended labels on every resource, the version being the crate's, and
+/// the workload's and the budget's selectors matching the pods.
+fn assert_labels_and_selectors(dir: &str, m: &Manifests) {
+    for (resource, labels) in &m.labels {
+        for key in ["name", "instance", "component", "part-of", "managed-by"] {
+            assert!(
+                labels.contains_key(&format!("app.kubernetes.io/{key}")),
+                "{dir} {resource}: app.kubernetes.io/{key}"
             );
         }
-        let pod_labels = &m.statefulset.spec.template.metadata.labels;
         assert_eq!(
-            pod_labels
-                .get("app.kubernetes.io/version")
-                .map(String::as_str),
-            Some(VERSION)
+            labels.get("app.kubernetes.io/version").map(String::as_str),
+            Some(VERSION),
+            "{dir} {resource}"
         );
-        for selector in [&m.statefulset.spec.selector, &m.pdb.spec.selector] {
-            assert!(!selector.match_labels.is_empty());
-            for (key, value) in &selector.match_labels {
-                assert_eq!(pod_labels.get(key), Some(value), "{dir}: selector {key}");
-            }
-        }
     }
+    let pod_labels = &m.workload.spec.template.metadata.labels;
+    assert_eq!(
+        pod_labels
+            .get("app.kubernetes.io/version")
+            .map(String::as_str),
+        Some(VERSION)
+    );
+    for selector in [&m.workload.spec.selector, &m.pdb.spec.selector] {
+        assert_selects(dir, selector, pod_labels);
+    }
+}
+
+fn assert_selects(dir: &str, selector: &LabelSelector, pod_labels: &BTreeMap<String, String>) {
+    assert!(
+        !selector.match_labels.is_empty(),
+        "{dir}: an empty selector"
+    );
+    for (key, value) in &selector.match_labels {
+        assert_eq!(pod_labels.get(key), Some(value), "{dir}: selector {key}");
+    }
+}
+
+// ---------------------------------------------------------------- the postgres overlay
+
+const POSTGRES_OVERLAY: &str = "deploy/k8s/overlays/postgres";
+/// What the overlay adds to the base, as a component other kustomizations can use.
+const POSTGRES_COMPONENT: &str = "deploy/k8s/components/postgres";
+/// PostgreSQL's default max_connections: what the replicas' pools must fit in.
+const POSTGRES_MAX_CONNECTIONS: u32 = 100;
+
+/// The postgres overlay's pods are the base's pod, run as stateless replicas
+/// of a Deployment with the database URL from a Secret. Checked statically:
+/// its binary run needs a PostgreSQL server (tests/common/postgres.rs).
+#[test]
+fn the_postgres_overlay_runs_the_base_pod_as_stateless_replicas() {
+    let base = Manifests::render("deploy/k8s/base");
+    let overlay = Manifests::render(POSTGRES_OVERLAY);
+    assert_stateless_replicas_of(POSTGRES_OVERLAY, &overlay, &base);
+}
+
+/// deploy/README.md promises that the component mixes into the other
+/// kustomizations: production plus the component keeps production's pod.
+#[test]
+fn the_postgres_component_turns_production_into_stateless_replicas_too() {
+    // kustomize takes only relative paths, so the kustomization sits in the
+    // repository, under target/.
+    let target = Path::new(REPO).join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("kustomize.")
+        .tempdir_in(&target)
+        .unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "resources:\n  - ../../deploy/k8s/overlays/production\n\
+         components:\n  - ../../deploy/k8s/components/postgres\n",
+    )
+    .unwrap();
+    let rendered = kustomize(dir.path().to_str().unwrap());
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    let secret = format!("{POSTGRES_COMPONENT}/secret.example.yaml");
+    for version in KUBERNETES_VERSIONS {
+        success(
+            &format!("kubernetes-validate --strict of production + postgres for {version}"),
+            run_tool(
+                "kubernetes-validate",
+                &[
+                    "--strict",
+                    "--quiet",
+                    "--kubernetes-version",
+                    version,
+                    file.to_str().unwrap(),
+                    &secret,
+                ],
+                "scripts/test installs PyPI's kubernetes-validate from tests/requirements.txt",
+            ),
+        );
+    }
+    let label = "production + components/postgres";
+    let production = Manifests::render("deploy/k8s/overlays/production");
+    let composed = Manifests::parse(label, &rendered);
+    assert_stateless_replicas_of(label, &composed, &production);
+}
+
+/// `m` runs `original`'s pod (a StatefulSet's, for SQLite) as the stateless
+/// replicas of a Deployment on PostgreSQL.
+fn assert_stateless_replicas_of(dir: &str, m: &Manifests, original: &Manifests) {
+    let base = original;
+    assert_eq!(base.workload.kind, "StatefulSet");
+    assert_eq!(m.workload.kind, "Deployment", "{dir}");
+    let spec = &m.workload.spec;
+    assert!(spec.replicas >= 2, "{dir}: at least two replicas");
+    assert!(spec.volume_claim_templates.is_empty(), "{dir}: no claims");
+    assert_eq!(
+        spec.strategy.as_ref().expect("a strategy")["rollingUpdate"]["maxUnavailable"].as_u64(),
+        Some(0),
+        "{dir}: a rollout starts a new pod before it stops an old one"
+    );
+    assert_labels_and_selectors(dir, m);
+    let pod_labels = &spec.template.metadata.labels;
+
+    // No volume for data: only the config and a scratch /tmp.
+    let pod = m.pod();
+    let data = base.workload.spec.volume_claim_templates[0]
+        .metadata
+        .name
+        .as_str();
+    let data_path = &base
+        .server()
+        .volume_mounts
+        .iter()
+        .find(|v| v.name == data)
+        .unwrap()
+        .mount_path;
+    for volume in &pod.volumes {
+        assert!(
+            volume.persistent_volume_claim.is_none() && volume.host_path.is_none(),
+            "{dir}: volume {} keeps state on the node or a claim",
+            volume.name
+        );
+        assert!(volume.name != data, "{dir}: the data volume");
+    }
+
+    // The containers are the base's, but for the database's environment and
+    // the data mount: one pod spec for both backends.
+    let base_pod = base.pod();
+    let secret = postgres_secret_example();
+    for container in pod.init_containers.iter().chain(&pod.containers) {
+        let name = &container.name;
+        let original = base_pod
+            .init_containers
+            .iter()
+            .chain(&base_pod.containers)
+            .find(|c| &c.name == name)
+            .unwrap_or_else(|| panic!("{dir}: {name} is not the base's"));
+        assert_eq!(container.image, original.image, "{dir} {name}");
+        assert_eq!(container.command, original.command, "{dir} {name}");
+        assert_eq!(container.args, original.args, "{dir} {name}");
+        assert_eq!(container.ports, original.ports, "{dir} {name}");
+        assert_eq!(
+            container.startup_probe, original.startup_probe,
+            "{dir} {name}"
+        );
+        assert_eq!(
+            container.readiness_probe, original.readiness_probe,
+            "{dir} {name}"
+        );
+        assert_eq!(
+            container.liveness_probe, original.liveness_probe,
+            "{dir} {name}"
+        );
+        assert_eq!(container.lifecycle, original.lifecycle, "{dir} {name}");
+        assert_eq!(container.resources, original.resources, "{dir} {name}");
+        assert_eq!(
+            container.security_context, original.security_context,
+            "{dir} {name}"
+        );
+        for var in &original.env {
+            assert!(container.env.contains(var), "{dir} {name}: {var:?} kept");
+        }
+        let kept: Vec<&VolumeMount> = original
+            .volume_mounts
+            .iter()
+            .filter(|v| v.name != data)
+            .collect();
+        assert_eq!(
+            container.volume_mounts.iter().collect::<Vec<_>>(),
+            kept,
+            "{dir} {name}"
+        );
+        assert!(
+            container
+                .volume_mounts
+                .iter()
+                .all(|v| &v.mount_path != data_path),
+            "{dir} {name}: nothing at {data_path}"
+        );
+
+        // The URL from the Secret; the pool sized so every replica fits.
+        let url = container
+            .env
+            .iter()
+            .find(|v| v.name == "USER_MANAGER__DATABASE__URL")
+            .unwrap_or_else(|| panic!("{dir} {name}: the database URL"));
+        assert!(
+            url.value.is_none(),
+            "{dir} {name}: the URL is not in the manifest"
+        );
+        let reference = &url.value_from.as_ref().unwrap()["secretKeyRef"];
+        assert_eq!(
+            reference["name"], secret["metadata"]["name"],
+            "{dir} {name}"
+        );
+        let key = reference["key"].as_str().expect("a key");
+        assert!(
+            secret["stringData"][key].is_string(),
+            "{dir} {name}: secret.example.yaml has no key {key}"
+        );
+        let pool: u32 = container
+            .env
+            .iter()
+            .find(|v| v.name == "USER_MANAGER__DATABASE__POSTGRES__MAX_CONNECTIONS")
+            .and_then(|v| v.value.as_deref()?.parse().ok())
+            .unwrap_or_else(|| panic!("{dir} {name}: a pool size"));
+        let hpa = &m.hpa.as_ref().expect("an HPA").spec;
+        // Each replica's pool, and its init container's while it migrates.
+        assert!(
+            hpa.max_replicas * (pool + 1) < POSTGRES_MAX_CONNECTIONS,
+            "{dir}: {} replicas of {pool} connections exceed PostgreSQL's {POSTGRES_MAX_CONNECTIONS}",
+            hpa.max_replicas
+        );
+    }
+    assert_eq!(
+        pod.init_containers
+            .iter()
+            .map(|c| c.args.clone().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        [["migrate"]],
+        "{dir}: every replica migrates first (safe concurrently on PostgreSQL)"
+    );
+    let server = m.server();
+    let readiness = server.readiness_probe.as_ref().expect("readiness");
+    assert_eq!(readiness.grpc.service, "readiness", "follows the database");
+    let liveness = server.liveness_probe.as_ref().expect("liveness");
+    assert_eq!(liveness.grpc.service, "liveness");
+
+    // Spread across nodes, counting this workload's pods.
+    let spread = pod
+        .topology_spread_constraints
+        .iter()
+        .find(|c| c.topology_key == "kubernetes.io/hostname")
+        .unwrap_or_else(|| panic!("{dir}: replicas spread across nodes"));
+    assert_eq!(spread.when_unsatisfiable, "DoNotSchedule");
+    assert_selects(dir, &spread.label_selector, pod_labels);
+
+    // The HPA scales this Deployment on CPU, from its replicas up.
+    let hpa = &m.hpa.as_ref().expect("an HPA").spec;
+    assert_eq!(hpa.scale_target_ref.api_version, "apps/v1");
+    assert_eq!(hpa.scale_target_ref.kind, "Deployment");
+    assert_eq!(hpa.scale_target_ref.name, m.workload.metadata.name);
+    assert_eq!(hpa.min_replicas, spec.replicas, "{dir}: minReplicas");
+    assert!(hpa.max_replicas > hpa.min_replicas);
+    assert!(
+        hpa.metrics
+            .iter()
+            .any(|metric| metric["resource"]["name"].as_str() == Some("cpu")),
+        "{dir}: scales on CPU"
+    );
+    assert!(
+        server.resources.requests.contains_key("cpu"),
+        "{dir}: CPU utilization needs a CPU request"
+    );
+
+    // A drain may take one replica at a time; the base's budget takes none.
+    let budget = &m.pdb.spec;
+    assert!(
+        budget.max_unavailable.as_ref().and_then(Value::as_u64) == Some(1)
+            || budget.min_available.as_ref().and_then(Value::as_u64) == Some(1),
+        "{dir}: maxUnavailable 1 or minAvailable 1"
+    );
+    assert!(
+        m.services
+            .iter()
+            .all(|s| s.spec.cluster_ip.as_deref() != Some("None")),
+        "{dir}: no headless Service: replicas need no identity"
+    );
+}
+
+/// deploy/k8s/components/postgres/secret.example.yaml: an example only, not
+/// a resource of the component or the overlay, with a value nobody could
+/// mistake for a password.
+fn postgres_secret_example() -> Value {
+    let path = Path::new(REPO)
+        .join(POSTGRES_COMPONENT)
+        .join("secret.example.yaml");
+    let secret: Value = serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(secret["kind"].as_str(), Some("Secret"));
+    for dir in [POSTGRES_COMPONENT, POSTGRES_OVERLAY] {
+        let kustomization =
+            std::fs::read_to_string(Path::new(REPO).join(dir).join("kustomization.yaml")).unwrap();
+        assert!(
+            !kustomization
+                .lines()
+                .any(|l| l.trim_start().starts_with("- secret.example.yaml")),
+            "{dir} applies the example Secret"
+        );
+    }
+    for (_, url) in secret["stringData"].as_mapping().expect("stringData") {
+        let url = url.as_str().unwrap();
+        assert!(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "{url}"
+        );
+        assert!(url.contains("CHANGE-ME"), "{url}: an obvious placeholder");
+    }
+    secret
 }
 
 /// A server started the way a deployment starts it.
@@ -823,7 +1121,7 @@ async fn start(
 async fn start_pod(dir: &str) -> Started {
     let mut pod = Pod::new(dir);
     let settings = pod.server.settings(&pod.rootfs);
-    let claim = &pod.manifests.statefulset.spec.volume_claim_templates[0]
+    let claim = &pod.manifests.workload.spec.volume_claim_templates[0]
         .metadata
         .name;
     let server = pod.manifests.server();
@@ -936,6 +1234,9 @@ struct ComposeHealthcheck {
     start_period: String,
 }
 
+const COMPOSE_POSTGRES: &str = "deploy/compose.postgres.yaml";
+const COMPOSE_COMES_FROM: &str =
+    "scripts/test installs it into target/compose-venv (tests/requirements-compose.txt)";
 const COMPOSE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
 impl Compose {
@@ -1120,5 +1421,127 @@ async fn the_compose_service_serves_and_passes_its_healthcheck() {
             .environment
             .get("OTEL_EXPORTER_OTLP_ENDPOINT")
             .map(String::as_str)
+    );
+}
+
+/// deploy/compose.postgres.yaml as compose resolves it (anchors merged,
+/// variables at their defaults). Checked statically: running it needs a
+/// PostgreSQL server.
+#[test]
+fn the_compose_postgres_variant_runs_two_replicas_on_a_healthy_migrated_database() {
+    let resolved = success(
+        &format!("docker-compose -f {COMPOSE_POSTGRES} config"),
+        run_tool(
+            "docker-compose",
+            &["-f", COMPOSE_POSTGRES, "config"],
+            COMPOSE_COMES_FROM,
+        ),
+    );
+    let compose: Value = serde_norway::from_str(&resolved).unwrap();
+    let services = &compose["services"];
+    let text = |value: &Value| value.as_str().map(str::to_owned).unwrap_or_default();
+
+    // PostgreSQL 15, pinned, on a declared volume, with a readiness check.
+    let postgres = &services["postgres"];
+    let image = text(&postgres["image"]);
+    let tag = image.strip_prefix("postgres:").expect("the postgres image");
+    assert!(
+        tag.starts_with("15.") && tag.contains('.'),
+        "{image}: pinned"
+    );
+    let test: Vec<String> = postgres["healthcheck"]["test"]
+        .as_sequence()
+        .expect("a healthcheck")
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(test[..2], ["CMD", "pg_isready"]);
+    let volume = postgres["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .find_map(|v| {
+            v.strip_suffix(":/var/lib/postgresql/data:rw")
+                .map(str::to_owned)
+        })
+        .expect("the data directory on a volume");
+    assert!(
+        !compose["volumes"][volume.as_str()].is_null(),
+        "volume {volume}"
+    );
+    let postgres_env = |name: &str| text(&postgres["environment"][name]);
+
+    // The migration and the replicas: the image, the URL of that database,
+    // nothing at /data, started once PostgreSQL answers.
+    let reference = Compose::read();
+    let reference = reference.service("user-manager");
+    for name in ["migrate", "user-manager"] {
+        let service = &services[name];
+        assert_eq!(text(&service["image"]), format!("user-manager:{VERSION}"));
+        assert_eq!(service["read_only"].as_bool(), Some(true), "{name}");
+        let url = text(&service["environment"]["USER_MANAGER__DATABASE__URL"]);
+        let (credentials, place) = url
+            .strip_prefix("postgres://")
+            .and_then(|rest| rest.split_once('@'))
+            .unwrap_or_else(|| panic!("{name}: {url} is not postgres://USER:PASSWORD@HOST"));
+        let (user, password) = credentials.split_once(':').unwrap();
+        assert_eq!(user, postgres_env("POSTGRES_USER"), "{name}");
+        assert_eq!(password, postgres_env("POSTGRES_PASSWORD"), "{name}");
+        assert_eq!(
+            place,
+            format!("postgres:5432/{}", postgres_env("POSTGRES_DB")),
+            "{name}: the postgres service's database"
+        );
+        assert_eq!(
+            text(&service["depends_on"]["postgres"]["condition"]),
+            "service_healthy",
+            "{name}"
+        );
+        for mount in service["volumes"].as_sequence().unwrap().iter().map(text) {
+            assert!(!mount.contains(":/data"), "{name}: {mount}");
+        }
+    }
+    let command = |name: &str| services[name]["command"][0].as_str().map(str::to_owned);
+    assert_eq!(command("migrate").as_deref(), Some("migrate"));
+    assert_eq!(command("user-manager").as_deref(), Some("serve"));
+    let server = &services["user-manager"];
+    assert_eq!(
+        text(&server["depends_on"]["migrate"]["condition"]),
+        "service_completed_successfully",
+        "the replicas start on a migrated database"
+    );
+
+    // Two replicas, a host port each, probed and stopped as compose.yaml's.
+    let replicas = server["deploy"]["replicas"]
+        .as_u64()
+        .expect("deploy.replicas");
+    assert!(replicas >= 2);
+    let port = Settings::load_from(Sources {
+        app_env: None,
+        file: Some(Path::new(REPO).join("deploy/k8s/base/config.toml")),
+        env: Some(Default::default()),
+    })
+    .unwrap()
+    .server
+    .listen
+    .port();
+    for published in server["ports"].as_sequence().expect("ports") {
+        assert_eq!(published["target"].as_u64(), Some(u64::from(port)));
+        let range = text(&published["published"]);
+        let (low, high) = range.split_once('-').expect("a range of host ports");
+        let (low, high): (u64, u64) = (low.parse().unwrap(), high.parse().unwrap());
+        assert!(high - low + 1 >= replicas, "{range}: a port per replica");
+    }
+    let healthcheck: Vec<String> = server["healthcheck"]["test"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(healthcheck, reference.healthcheck.as_ref().unwrap().test);
+    assert_eq!(
+        server["stop_grace_period"].as_str(),
+        reference.stop_grace_period.as_deref()
     );
 }

@@ -28,20 +28,27 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The pods' controller: the base's StatefulSet (SQLite, one pod and its
+/// volume) or the postgres overlay's Deployment (stateless replicas).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StatefulSet {
+pub struct Workload {
+    pub kind: String,
     pub metadata: Metadata,
-    pub spec: StatefulSetSpec,
+    pub spec: WorkloadSpec,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct StatefulSetSpec {
+pub struct WorkloadSpec {
     pub replicas: u32,
     pub selector: LabelSelector,
     pub template: PodTemplate,
+    /// A StatefulSet's only.
+    #[serde(default)]
     pub volume_claim_templates: Vec<ClaimTemplate>,
+    /// A Deployment's only.
+    pub strategy: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +79,16 @@ pub struct PodSpec {
     pub containers: Vec<Container>,
     #[serde(default)]
     pub volumes: Vec<Volume>,
+    #[serde(default)]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopologySpreadConstraint {
+    pub topology_key: String,
+    pub when_unsatisfiable: String,
+    pub label_selector: LabelSelector,
 }
 
 #[derive(Deserialize)]
@@ -102,7 +119,7 @@ pub struct Container {
     pub security_context: Value,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, PartialEq, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     pub name: String,
@@ -110,14 +127,14 @@ pub struct EnvVar {
     pub value_from: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, PartialEq, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerPort {
     pub name: String,
     pub container_port: u16,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, PartialEq, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeMount {
     pub name: String,
@@ -125,7 +142,7 @@ pub struct VolumeMount {
     pub sub_path: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Probe {
     pub grpc: GrpcAction,
@@ -133,13 +150,13 @@ pub struct Probe {
     pub failure_threshold: u32,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, PartialEq)]
 pub struct GrpcAction {
     pub port: u16,
     pub service: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, PartialEq, Debug)]
 pub struct Resources {
     pub requests: BTreeMap<String, Value>,
     pub limits: BTreeMap<String, Value>,
@@ -149,6 +166,8 @@ pub struct Resources {
 #[serde(rename_all = "camelCase")]
 pub struct Volume {
     pub name: String,
+    pub persistent_volume_claim: Option<Value>,
+    pub host_path: Option<Value>,
     pub config_map: Option<ConfigMapVolume>,
     pub secret: Option<SecretVolume>,
     pub empty_dir: Option<Value>,
@@ -178,8 +197,11 @@ pub struct Service {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
     pub ports: Vec<ServicePort>,
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -195,8 +217,33 @@ pub struct PodDisruptionBudget {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PdbSpec {
     pub selector: LabelSelector,
+    pub min_available: Option<Value>,
+    pub max_unavailable: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub struct HorizontalPodAutoscaler {
+    pub spec: HpaSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HpaSpec {
+    pub scale_target_ref: ScaleTargetRef,
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub metrics: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleTargetRef {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
 }
 
 pub fn parse<T: serde::de::DeserializeOwned>(resource: Value) -> T {
@@ -206,10 +253,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(resource: Value) -> T {
 
 /// One kustomization, rendered by kubectl and parsed.
 pub struct Manifests {
-    pub statefulset: StatefulSet,
+    pub workload: Workload,
     pub config_maps: Vec<ConfigMap>,
     pub services: Vec<Service>,
     pub pdb: PodDisruptionBudget,
+    pub hpa: Option<HorizontalPodAutoscaler>,
     /// Every resource's labels.
     pub labels: Vec<(String, BTreeMap<String, String>)>,
 }
@@ -221,8 +269,14 @@ impl Manifests {
 
     /// `rendered`, what `kubectl kustomize dir` printed.
     pub fn parse(dir: &str, rendered: &str) -> Self {
-        let (mut statefulsets, mut config_maps, mut services, mut pdbs, mut labels) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut workloads, mut config_maps, mut services, mut pdbs, mut hpas, mut labels) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         for document in serde_norway::Deserializer::from_str(rendered) {
             let resource = Value::deserialize(document).unwrap();
             let kind = resource["kind"].as_str().expect("kind").to_owned();
@@ -230,26 +284,32 @@ impl Manifests {
                 serde_norway::from_value(resource["metadata"].clone()).unwrap();
             labels.push((format!("{kind}/{}", metadata.name), metadata.labels));
             match kind.as_str() {
-                "StatefulSet" => statefulsets.push(parse(resource)),
+                "StatefulSet" | "Deployment" => workloads.push(parse(resource)),
                 "ConfigMap" => config_maps.push(parse(resource)),
                 "Service" => services.push(parse(resource)),
                 "PodDisruptionBudget" => pdbs.push(parse(resource)),
+                "HorizontalPodAutoscaler" => hpas.push(parse(resource)),
                 other => panic!("{dir} renders an unexpected {other}"),
             }
         }
-        assert_eq!(statefulsets.len(), 1, "{dir}: one StatefulSet");
+        assert_eq!(workloads.len(), 1, "{dir}: one StatefulSet or Deployment");
         assert_eq!(pdbs.len(), 1, "{dir}: one PodDisruptionBudget");
+        assert!(
+            hpas.len() <= 1,
+            "{dir}: at most one HorizontalPodAutoscaler"
+        );
         Manifests {
-            statefulset: statefulsets.remove(0),
+            workload: workloads.remove(0),
             config_maps,
             services,
             pdb: pdbs.remove(0),
+            hpa: hpas.pop(),
             labels,
         }
     }
 
     pub fn pod(&self) -> &PodSpec {
-        &self.statefulset.spec.template.spec
+        &self.workload.spec.template.spec
     }
 
     pub fn server(&self) -> &Container {
