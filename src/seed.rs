@@ -19,7 +19,7 @@ use crate::{
 pub(crate) const EMBEDDED: &str = include_str!("../seed/users.json");
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SeedError {
+pub enum SeedError {
     #[error("seed file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -50,7 +50,7 @@ struct Entry {
 
 /// Reads and validates every user of the seed, in id order: `seed.path`'s
 /// value, the compiled-in users for [`EMBEDDED_SEED`], else a file.
-pub(crate) fn load(path: &Path) -> Result<Vec<User>, SeedError> {
+pub fn load(path: &Path) -> Result<Vec<User>, SeedError> {
     if path.as_os_str() == EMBEDDED_SEED {
         return parse(path, EMBEDDED);
     }

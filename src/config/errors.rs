@@ -149,18 +149,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn edit_distance_counts_edits() {
-        assert_eq!(edit_distance("listn", "listen"), 1);
-        assert_eq!(edit_distance("server.listen", "server.listen"), 0);
-        assert_eq!(edit_distance("abc", "xyz"), 3);
-    }
-}
-
 /// The file layer `uri` names, spelt as the operator gave it: the `config`
 /// crate reports a file's path relative to the working directory
 /// (`../.tmpAB12/c.toml` for `/tmp/.tmpAB12/c.toml`), which is not what was
@@ -178,4 +166,16 @@ fn file_as_given(uri: &str, layers: &[Layer]) -> String {
             _ => None,
         })
         .unwrap_or_else(|| uri.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("listn", "listen"), 1);
+        assert_eq!(edit_distance("server.listen", "server.listen"), 0);
+        assert_eq!(edit_distance("abc", "xyz"), 3);
+    }
 }
