@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // migration edit would not rebuild the crate (migrations are embedded).
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=migrations/sqlite");
+    println!("cargo:rerun-if-changed=migrations/postgres");
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let descriptors = protox::compile(["user.proto"], ["proto"])?;

@@ -3,10 +3,12 @@
 //! knows which backends exist: it picks one from `database.url`'s scheme,
 //! once, and delegates to it (a `match`, no dynamic dispatch).
 
+mod postgres;
 mod sqlite;
 
 use std::future::Future;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::{
@@ -19,6 +21,7 @@ pub use crate::error::StoreError;
 #[derive(Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PostgresStore),
 }
 
 impl Store {
@@ -29,7 +32,11 @@ impl Store {
             Some(Backend::Sqlite) => Ok(Self::Sqlite(
                 SqliteStore::open(&settings.url, &settings.sqlite).await?,
             )),
-            Some(Backend::Postgres) | None => Err(StoreError::Unavailable(format!(
+            Some(Backend::Postgres) => Ok(Self::Postgres(PostgresStore::open(
+                &settings.url,
+                &settings.postgres,
+            )?)),
+            None => Err(StoreError::Unavailable(format!(
                 "database.url {}: no backend for this scheme",
                 settings.redacted_url()
             ))),
@@ -42,6 +49,7 @@ macro_rules! delegate {
     ($store:expr, $s:ident => $call:expr) => {
         match $store {
             Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
         }
     };
 }
