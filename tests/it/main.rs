@@ -22,6 +22,7 @@ mod newcomer;
 mod ops;
 mod safety;
 mod security;
+mod store;
 mod tls_flood;
 mod traces;
 
