@@ -21,6 +21,7 @@ mod k8s;
 mod newcomer;
 mod ops;
 mod safety;
+mod replicas;
 mod security;
 mod store;
 mod tls_flood;
