@@ -11,13 +11,16 @@ use std::future::Future;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+pub use crate::error::StoreError;
 use crate::{
     config::{Backend, DatabaseSettings},
     domain::{User, UserId, UserType},
 };
-pub use crate::error::StoreError;
 
 /// The backend `database.url` names.
+// One per process, cloned per call: a clone copies SQLite's connect options
+// (no allocation), where boxing them would allocate on every clone.
+#[expect(clippy::large_enum_variant, reason = "see above")]
 #[derive(Clone)]
 pub enum Store {
     Sqlite(SqliteStore),

@@ -23,8 +23,8 @@ use tracing::field::Empty;
 use self::{
     errors::classify,
     queries::{
-        COUNT_MANY, INSERT, Row, SELECT_BY_ID, SELECT_MANY, SELECT_PAGE_BY_TYPE, id_array,
-        to_user, to_users, user_type_number,
+        COUNT_MANY, INSERT, Row, SELECT_BY_ID, SELECT_MANY, SELECT_PAGE_BY_TYPE, id_array, to_user,
+        to_users, user_type_number,
     },
 };
 use super::{AddOutcome, SeedOutcome, StoreError, UserStore};
@@ -174,5 +174,48 @@ impl UserStore for PostgresStore {
 
     async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> PostgresSettings {
+        PostgresSettings {
+            max_connections: 2,
+            connect_timeout_ms: 100,
+            statement_timeout_ms: 1000,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_url_forms_sqlx_accepts_open_a_lazy_pool() {
+        for url in [
+            "postgres://app:secret@db.example:5432/users",
+            "postgresql://app@db.example/users?sslmode=require",
+            "postgres://app@db.example/users?sslmode=verify-full&application_name=x",
+            "postgres:///users?host=/run/postgresql",
+            "postgres://%2Frun%2Fpostgresql/users",
+        ] {
+            let store = PostgresStore::open(url, &settings());
+            assert!(store.is_ok(), "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_unavailable_not_a_hang() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let store =
+            PostgresStore::open(&format!("postgres://app:pw@{addr}/users"), &settings()).unwrap();
+        let started = std::time::Instant::now();
+        let err = store.check().await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(!err.to_string().contains("pw@"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let err = store.get(UserId::new(1).unwrap()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     }
 }

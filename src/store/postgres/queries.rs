@@ -19,8 +19,7 @@ pub(super) const COUNT_MANY: &str =
     "SELECT COUNT(*) FROM unnest($1::bigint[]) AS q(id) JOIN users AS u ON u.id = q.id";
 
 /// Keyset paging on the (user_type, id) index.
-pub(super) const SELECT_PAGE_BY_TYPE: &str =
-    "SELECT id, nickname, mail_address, user_type FROM users \
+pub(super) const SELECT_PAGE_BY_TYPE: &str = "SELECT id, nickname, mail_address, user_type FROM users \
      WHERE user_type = $1 AND id > $2 ORDER BY id LIMIT $3";
 
 /// Insert-if-absent in one statement: rows_affected says which happened.

@@ -31,8 +31,18 @@ pub(super) async fn import_once(pool: &PgPool, users: &[User]) -> Result<SeedOut
         return Ok(SeedOutcome::AlreadyImported);
     }
     let imported = sqlx::query(INSERT_MANY)
-        .bind(users.iter().map(|u| i64::from(u.id.get())).collect::<Vec<_>>())
-        .bind(users.iter().map(|u| u.nickname.as_str()).collect::<Vec<_>>())
+        .bind(
+            users
+                .iter()
+                .map(|u| i64::from(u.id.get()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            users
+                .iter()
+                .map(|u| u.nickname.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(
             users
                 .iter()
