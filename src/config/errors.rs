@@ -110,9 +110,9 @@ impl ConfigError {
                 format!("; it moved to {}", keys.join(" or "))
             }
             None => match closest(unknown, &known) {
-            Some(key) if from_env => format!("; did you mean {} ({key})?", env_var(key)),
-            Some(key) => format!("; did you mean {key}?"),
-            None => "; `user-manager config` lists every key".into(),
+                Some(key) if from_env => format!("; did you mean {} ({key})?", env_var(key)),
+                Some(key) => format!("; did you mean {key}?"),
+                None => "; `user-manager config` lists every key".into(),
             },
         };
         Err(Self::setting(unknown, format!("no such key{hint}"), layers))
@@ -128,12 +128,18 @@ const MOVED: &[(&str, &[&str])] = &[
             "database.postgres.max_connections",
         ],
     ),
-    ("database.busy_timeout_ms", &["database.sqlite.busy_timeout_ms"]),
+    (
+        "database.busy_timeout_ms",
+        &["database.sqlite.busy_timeout_ms"],
+    ),
     ("database.synchronous", &["database.sqlite.synchronous"]),
 ];
 
 fn moved(key: &str) -> Option<&'static [&'static str]> {
-    MOVED.iter().find(|(old, _)| *old == key).map(|(_, new)| *new)
+    MOVED
+        .iter()
+        .find(|(old, _)| *old == key)
+        .map(|(_, new)| *new)
 }
 
 /// What went wrong, without the `config` crate's ` for key ...` suffix, and

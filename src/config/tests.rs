@@ -278,7 +278,10 @@ fn database_urls_lose_their_passwords() {
             "postgres://app@db/users?password=hunter2&sslmode=disable",
             "postgres://app@db/users?password=<redacted>&sslmode=disable",
         ),
-        ("postgres:///users?host=/run/pg", "postgres:///users?host=/run/pg"),
+        (
+            "postgres:///users?host=/run/pg",
+            "postgres:///users?host=/run/pg",
+        ),
         ("sqlite://data/users.db", "sqlite://data/users.db"),
     ] {
         assert_eq!(redact_url(url), shown);

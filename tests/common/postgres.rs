@@ -47,7 +47,14 @@ impl Cluster {
         as_root_chown(dir.path());
         run(
             pg_command(&bin.join("initdb"))
-                .args(["--auth=trust", "--username=postgres", "--no-sync", "-E", "UTF8", "-D"])
+                .args([
+                    "--auth=trust",
+                    "--username=postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "-D",
+                ])
                 .arg(&data),
             "initdb",
         );
@@ -94,7 +101,11 @@ impl Cluster {
 
     /// Starts the server again, on the same port, after [`Cluster::stop`].
     pub fn restart(&mut self) {
-        assert!(self.try_start(), "PostgreSQL did not restart; see {}", self.log().display());
+        assert!(
+            self.try_start(),
+            "PostgreSQL did not restart; see {}",
+            self.log().display()
+        );
     }
 
     /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`).
@@ -181,7 +192,9 @@ pub async fn fresh_database_on(admin_url: &str) -> String {
         .await
         .expect("CREATE DATABASE");
     let _ = admin.close().await;
-    let (base, _) = admin_url.rsplit_once('/').expect("an admin URL with a database");
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("an admin URL with a database");
     format!("{base}/{name}")
 }
 
@@ -202,7 +215,8 @@ pub fn pg_bin_dir() -> PathBuf {
             return dir;
         }
         if let Some(dir) = std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path).find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+            std::env::split_paths(&path)
+                .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
         }) {
             return dir;
         }
@@ -236,7 +250,10 @@ fn pg_command(program: &Path) -> Command {
 
 fn as_root_chown(dir: &Path) {
     if is_root() {
-        run(Command::new("chown").arg("-R").arg("postgres").arg(dir), "chown");
+        run(
+            Command::new("chown").arg("-R").arg("postgres").arg(dir),
+            "chown",
+        );
     }
 }
 

@@ -14,7 +14,12 @@ use crate::common::{Binary, ServerProcess, big_seed, eventually, health_status, 
 const GUEST: i32 = 3;
 
 /// `n` replicas of `serve` on the database at `url`, started at once.
-async fn replicas(dir: &std::path::Path, url: &str, n: usize, extra: &[(&str, &str)]) -> Vec<ServerProcess> {
+async fn replicas(
+    dir: &std::path::Path,
+    url: &str,
+    n: usize,
+    extra: &[(&str, &str)],
+) -> Vec<ServerProcess> {
     let binary = Binary::new(dir)
         .env("USER_MANAGER__DATABASE__URL", url)
         .envs(extra);
@@ -130,7 +135,10 @@ async fn health_and_calls_follow_the_database_and_heal_without_a_restart() {
         &[
             ("USER_MANAGER__HEALTH__CHECK_INTERVAL_MS", "500"),
             ("USER_MANAGER__SEED__PATH", seed),
-            ("USER_MANAGER__DATABASE__POSTGRES__CONNECT_TIMEOUT_MS", "1000"),
+            (
+                "USER_MANAGER__DATABASE__POSTGRES__CONNECT_TIMEOUT_MS",
+                "1000",
+            ),
         ],
     )
     .await;
@@ -176,12 +184,7 @@ async fn health_and_calls_follow_the_database_and_heal_without_a_restart() {
         let mut request = tonic::Request::new(UserRequest { id: 1 });
         request.set_timeout(Duration::from_secs(5));
         let started = Instant::now();
-        let status = server
-            .client()
-            .await
-            .get_user(request)
-            .await
-            .unwrap_err();
+        let status = server.client().await.get_user(request).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
@@ -234,12 +237,16 @@ async fn the_database_password_reaches_no_log_nor_config_output() {
     const PASSWORD: &str = "pw-that-must-not-leak";
     let dir = tempfile::tempdir().unwrap();
     // The test server trusts every local connection, so any password works.
-    let url = postgres::fresh_database()
-        .await
-        .replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
+    let url =
+        postgres::fresh_database()
+            .await
+            .replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
     let servers = replicas(dir.path(), &url, 1, &[]).await;
     let log = servers[0].log();
-    assert!(log.contains("ready to serve") && log.contains("<redacted>"), "{log}");
+    assert!(
+        log.contains("ready to serve") && log.contains("<redacted>"),
+        "{log}"
+    );
     assert!(!log.contains(PASSWORD), "{log}");
 
     let config = Binary::new(dir.path())
@@ -247,7 +254,10 @@ async fn the_database_password_reaches_no_log_nor_config_output() {
         .arg("config")
         .output();
     let shown = String::from_utf8_lossy(&config.stdout);
-    assert!(config.status.success() && shown.contains("<redacted>"), "{shown}");
+    assert!(
+        config.status.success() && shown.contains("<redacted>"),
+        "{shown}"
+    );
     assert!(!shown.contains(PASSWORD), "{shown}");
 
     // Nor when the server can't be reached: the error names no password.
@@ -257,7 +267,10 @@ async fn the_database_password_reaches_no_log_nor_config_output() {
             "USER_MANAGER__DATABASE__URL",
             format!("postgres://app:{PASSWORD}@{addr}/users"),
         )
-        .env("USER_MANAGER__DATABASE__POSTGRES__CONNECT_TIMEOUT_MS", "500")
+        .env(
+            "USER_MANAGER__DATABASE__POSTGRES__CONNECT_TIMEOUT_MS",
+            "500",
+        )
         .arg("migrate")
         .output();
     let text = format!(

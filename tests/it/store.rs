@@ -100,7 +100,10 @@ async fn page_by_type_pages_by_keyset(backend: &str) {
     let (store, _dir) = open(backend).await;
     for id in 1..=25 {
         let user_type = if id % 2 == 0 { 3 } else { 1 };
-        store.add(user(id, &format!("u{id}"), user_type)).await.unwrap();
+        store
+            .add(user(id, &format!("u{id}"), user_type))
+            .await
+            .unwrap();
     }
     let mut seen = Vec::new();
     let mut after = None;
@@ -115,11 +118,13 @@ async fn page_by_type_pages_by_keyset(backend: &str) {
         seen.extend(id_list(&page));
     }
     assert_eq!(seen, (2..=24).step_by(2).collect::<Vec<u32>>());
-    assert!(store
-        .page_by_type(UserType::Disabled, None, 5)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        store
+            .page_by_type(UserType::Disabled, None, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store.close().await;
 }
 
@@ -131,7 +136,10 @@ async fn the_seed_is_imported_once(backend: &str) {
         SeedOutcome::Imported { users: 2 }
     );
     store.add(user(3, "c", 1)).await.unwrap();
-    assert_eq!(store.seed(&seed).await.unwrap(), SeedOutcome::AlreadyImported);
+    assert_eq!(
+        store.seed(&seed).await.unwrap(),
+        SeedOutcome::AlreadyImported
+    );
     assert_eq!(store.count_existing(&ids(&[1, 2, 3])).await.unwrap(), 3);
     store.close().await;
 }
