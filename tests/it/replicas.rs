@@ -281,3 +281,33 @@ async fn the_database_password_reaches_no_log_nor_config_output() {
     assert!(!failed.status.success(), "{text}");
     assert!(!text.contains(PASSWORD), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standard_pg_variables_fill_in_what_the_url_leaves_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = postgres::fresh_database().await;
+    // postgres://postgres@127.0.0.1:PORT/NAME, split into PG* variables.
+    let rest = url.strip_prefix("postgres://postgres@").unwrap();
+    let (host_port, database) = rest.split_once('/').unwrap();
+    let (host, port) = host_port.split_once(':').unwrap();
+    let pg_env = [
+        ("PGHOST", host),
+        ("PGPORT", port),
+        ("PGUSER", "postgres"),
+        ("PGDATABASE", database),
+    ];
+    let servers = replicas(dir.path(), "postgres://", 1, &pg_env).await;
+    let found = servers[0]
+        .client()
+        .await
+        .get_user(UserRequest { id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.user.unwrap().nickname, "admin");
+    assert_eq!(
+        count_users(&url).await,
+        6,
+        "seeded the database PGDATABASE names"
+    );
+}
