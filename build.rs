@@ -10,7 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // tonic-prost-build does not emit these itself; without them a proto or
     // migration edit would not rebuild the crate (migrations are embedded).
     println!("cargo:rerun-if-changed=proto");
-    println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=migrations/sqlite");
+    println!("cargo:rerun-if-changed=migrations/postgres");
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let descriptors = protox::compile(["user.proto"], ["proto"])?;

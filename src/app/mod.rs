@@ -28,7 +28,7 @@ use crate::{
     },
     health::Health,
     seed,
-    store::{SeedOutcome, SqliteStore, UserStore},
+    store::{SeedOutcome, Store, UserStore},
 };
 
 /// `user-manager migrate`: the schema brought up to date and the seed
@@ -41,9 +41,9 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// Opens the database, brings its schema up to date and imports the seed
 /// once. The seed file is read and checked first, so a bad one fails before
 /// the database is touched.
-async fn prepare_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
+async fn prepare_store(settings: &Settings) -> anyhow::Result<Store> {
     let seed = settings.seed.file().map(seed::load).transpose()?;
-    let store = SqliteStore::open(&settings.database).await?;
+    let store = Store::open(&settings.database).await?;
     store.migrate().await?;
     let outcome = match &seed {
         Some(users) => Some(store.seed(users).await?),
@@ -67,7 +67,7 @@ async fn prepare_store(settings: &Settings) -> anyhow::Result<SqliteStore> {
 pub struct Application {
     local_addr: SocketAddr,
     settings: Settings,
-    store: SqliteStore,
+    store: Store,
     health: Health,
     /// The gRPC server on `server.listen`, not yet polled.
     serving: Serving,
@@ -167,7 +167,7 @@ impl Application {
         });
         tracing::info!(
             listen = %local_addr,
-            database = %settings.database.url,
+            database = %settings.database.redacted_url(),
             "user-manager ready to serve"
         );
         Ok(Self {

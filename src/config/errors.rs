@@ -99,13 +99,48 @@ impl ConfigError {
             .rev()
             .find(|layer| flat_layer(layer).contains_key(unknown))
             .is_some_and(Layer::is_env);
-        let hint = match closest(unknown, &known) {
-            Some(key) if from_env => format!("; did you mean {} ({key})?", env_var(key)),
-            Some(key) => format!("; did you mean {key}?"),
-            None => "; `user-manager config` lists every key".into(),
+        let hint = match moved(unknown) {
+            Some(keys) => {
+                let keys: Vec<String> = keys
+                    .iter()
+                    .map(|key| match from_env {
+                        true => format!("{key} ({})", env_var(key)),
+                        false => (*key).to_owned(),
+                    })
+                    .collect();
+                format!("; it moved to {}", keys.join(" or "))
+            }
+            None => match closest(unknown, &known) {
+                Some(key) if from_env => format!("; did you mean {} ({key})?", env_var(key)),
+                Some(key) => format!("; did you mean {key}?"),
+                None => "; `user-manager config` lists every key".into(),
+            },
         };
         Err(Self::setting(unknown, format!("no such key{hint}"), layers))
     }
+}
+
+/// Keys that moved into a section of their own, and where they are now.
+const MOVED: &[(&str, &[&str])] = &[
+    (
+        "database.max_connections",
+        &[
+            "database.sqlite.max_connections",
+            "database.postgres.max_connections",
+        ],
+    ),
+    (
+        "database.busy_timeout_ms",
+        &["database.sqlite.busy_timeout_ms"],
+    ),
+    ("database.synchronous", &["database.sqlite.synchronous"]),
+];
+
+fn moved(key: &str) -> Option<&'static [&'static str]> {
+    MOVED
+        .iter()
+        .find(|(old, _)| *old == key)
+        .map(|(_, new)| *new)
 }
 
 /// What went wrong, without the `config` crate's ` for key ...` suffix, and

@@ -39,14 +39,34 @@ pub(super) fn redact(key: &str, value: String) -> String {
             _ => "\"<redacted>\"".into(),
         };
     }
-    // scheme://user:password@host → scheme://user:<redacted>@host
-    if let Some((scheme, rest)) = value.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-        && let Some((user, _password)) = userinfo.split_once(':')
-    {
-        return format!("{scheme}://{user}:<redacted>@{host}");
+    redact_url(&value)
+}
+
+/// A URL with its password hidden: `scheme://user:password@host` becomes
+/// `scheme://user:<redacted>@host`, and a `password=` query parameter's value
+/// `<redacted>` too. Anything else comes back as it was. The one helper for
+/// every place a database URL is printed or logged.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(start) = out.find("://").map(|i| i + 3) {
+        // The last '@' ends the userinfo, so an unescaped '@' or '/' in the
+        // password is hidden too; at worst more than the password is.
+        if let Some(at) = out[start..].rfind('@').map(|i| start + i)
+            && let Some(colon) = out[start..at].find(':').map(|i| start + i)
+        {
+            out.replace_range(colon + 1..at, "<redacted>");
+        }
     }
-    value
+    let mut from = 0;
+    while let Some(found) = out[from..].find("password=").map(|i| from + i) {
+        let begin = found + "password=".len();
+        let end = out[begin..]
+            .find(['&', '"', ' '])
+            .map_or(out.len(), |i| begin + i);
+        out.replace_range(begin..end, "<redacted>");
+        from = begin + "<redacted>".len();
+    }
+    out
 }
 
 impl Settings {

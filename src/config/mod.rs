@@ -21,7 +21,7 @@ mod load;
 mod validate;
 
 pub use errors::ConfigError;
-pub use explain::Explained;
+pub use explain::{Explained, redact_url};
 pub use load::Sources;
 pub use validate::{MIN_TOKEN_LEN, check_token};
 
@@ -209,15 +209,66 @@ pub struct TelemetrySettings {
     pub otlp_endpoint: String,
 }
 
+/// `database.url` picks the backend by its scheme; each backend's own keys
+/// live in its section, read only when that backend runs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
+    pub sqlite: SqliteSettings,
+    pub postgres: PostgresSettings,
+}
+
+/// The storage engines built in, as `database.url`'s scheme names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The URL schemes `database.url` accepts, for errors and documentation.
+pub const DATABASE_SCHEMES: &str = "sqlite:, postgres:// or postgresql://";
+
+impl DatabaseSettings {
+    /// The backend `url` names, if it names one built in.
+    pub fn backend(&self) -> Option<Backend> {
+        let url = self.url.trim_start();
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+
+    /// `url` with any password replaced by `<redacted>`: what logs print.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// `[database.sqlite]`: read only when `database.url` is a `sqlite:` URL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSettings {
     #[serde(deserialize_with = "whole")]
     pub max_connections: u32,
     #[serde(deserialize_with = "whole")]
     pub busy_timeout_ms: u64,
     pub synchronous: Synchronous,
+}
+
+/// `[database.postgres]`: read only when `database.url` is a PostgreSQL URL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    #[serde(deserialize_with = "whole")]
+    pub max_connections: u32,
+    #[serde(deserialize_with = "whole")]
+    pub connect_timeout_ms: u64,
+    #[serde(deserialize_with = "whole")]
+    pub statement_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

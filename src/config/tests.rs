@@ -26,24 +26,25 @@ fn embedded_defaults_are_the_documented_ones() {
     assert_eq!(s.seed.file(), Some(Path::new(EMBEDDED_SEED)));
     assert!(s.seed.is_embedded());
     assert_eq!(s.log.format, LogFormat::Pretty);
-    assert_eq!(s.database.synchronous, Synchronous::Full);
+    assert_eq!(s.database.sqlite.synchronous, Synchronous::Full);
+    assert_eq!(s.database.backend(), Some(Backend::Sqlite));
 }
 
 #[test]
 fn environment_overrides_with_double_underscores() {
     let s = with_env(&[
         ("USER_MANAGER__SERVER__LISTEN", "127.0.0.1:9000"),
-        ("USER_MANAGER__DATABASE__MAX_CONNECTIONS", "9"),
+        ("USER_MANAGER__DATABASE__SQLITE__MAX_CONNECTIONS", "9"),
         ("USER_MANAGER__LOG__FORMAT", "json"),
         ("USER_MANAGER__SEED__PATH", ""),
-        ("USER_MANAGER__DATABASE__SYNCHRONOUS", "normal"),
+        ("USER_MANAGER__DATABASE__SQLITE__SYNCHRONOUS", "normal"),
         ("USER_MANAGER__SERVER__HEALTH_LISTEN", ""),
     ])
     .unwrap();
     assert_eq!(s.server.listen, "127.0.0.1:9000".parse().unwrap());
-    assert_eq!(s.database.max_connections, 9);
+    assert_eq!(s.database.sqlite.max_connections, 9);
     assert_eq!(s.log.format, LogFormat::Json);
-    assert_eq!(s.database.synchronous, Synchronous::Normal);
+    assert_eq!(s.database.sqlite.synchronous, Synchronous::Normal);
     assert_eq!(s.seed.file(), None);
     assert_eq!(s.server.health_listen, None);
 }
@@ -79,9 +80,9 @@ fn bad_values_name_key_source_value_and_what_is_allowed() {
              expected one of \"pretty\", \"json\"",
         ),
         (
-            "USER_MANAGER__DATABASE__SYNCHRONOUS",
+            "USER_MANAGER__DATABASE__SQLITE__SYNCHRONOUS",
             "off",
-            "database.synchronous = \"off\" (env USER_MANAGER__DATABASE__SYNCHRONOUS): \
+            "database.sqlite.synchronous = \"off\" (env USER_MANAGER__DATABASE__SQLITE__SYNCHRONOUS): \
              expected one of \"normal\", \"full\"",
         ),
         (
@@ -103,20 +104,20 @@ fn bad_values_name_key_source_value_and_what_is_allowed() {
              expected a whole number from 0 to 18446744073709551615",
         ),
         (
-            "USER_MANAGER__DATABASE__MAX_CONNECTIONS",
+            "USER_MANAGER__DATABASE__SQLITE__MAX_CONNECTIONS",
             "lots",
-            "database.max_connections = \"lots\" (env USER_MANAGER__DATABASE__MAX_CONNECTIONS): \
+            "database.sqlite.max_connections = \"lots\" (env USER_MANAGER__DATABASE__SQLITE__MAX_CONNECTIONS): \
              expected a whole number from 0 to 4294967295",
         ),
         (
-            "USER_MANAGER__DATABASE__MAX_CONNECTIONS",
+            "USER_MANAGER__DATABASE__SQLITE__MAX_CONNECTIONS",
             "4294967296",
             "expected a whole number from 0 to 4294967295",
         ),
         (
-            "USER_MANAGER__DATABASE__MAX_CONNECTIONS",
+            "USER_MANAGER__DATABASE__POSTGRES__MAX_CONNECTIONS",
             "0",
-            "database.max_connections = 0 (env USER_MANAGER__DATABASE__MAX_CONNECTIONS): \
+            "database.postgres.max_connections = 0 (env USER_MANAGER__DATABASE__POSTGRES__MAX_CONNECTIONS): \
              must be at least 1",
         ),
         (
@@ -127,9 +128,24 @@ fn bad_values_name_key_source_value_and_what_is_allowed() {
         ),
         (
             "USER_MANAGER__DATABASE__URL",
-            "postgres://x",
-            "database.url = \"postgres://x\" (env USER_MANAGER__DATABASE__URL): \
-             expected a sqlite: URL",
+            "mysql://x",
+            "database.url = \"mysql://x\" (env USER_MANAGER__DATABASE__URL): \
+             expected a sqlite:, postgres:// or postgresql:// URL",
+        ),
+        (
+            "USER_MANAGER__DATABASE__SYNCHRONOUS",
+            "full",
+            "database.synchronous = \"full\" (env USER_MANAGER__DATABASE__SYNCHRONOUS): \
+             no such key; it moved to database.sqlite.synchronous \
+             (USER_MANAGER__DATABASE__SQLITE__SYNCHRONOUS)",
+        ),
+        (
+            "USER_MANAGER__DATABASE__MAX_CONNECTIONS",
+            "4",
+            "database.max_connections = 4 (env USER_MANAGER__DATABASE__MAX_CONNECTIONS): \
+             no such key; it moved to database.sqlite.max_connections \
+             (USER_MANAGER__DATABASE__SQLITE__MAX_CONNECTIONS) or \
+             database.postgres.max_connections (USER_MANAGER__DATABASE__POSTGRES__MAX_CONNECTIONS)",
         ),
         (
             "USER_MANAGER__LOG__LEVEL",
@@ -235,7 +251,7 @@ fn explain_names_the_layer_each_value_came_from() {
     );
     assert_eq!(find("log.level").source, format!("file {}", file.display()));
     assert_eq!(find("log.format").source, "default");
-    assert_eq!(find("database.max_connections").value, "4");
+    assert_eq!(find("database.sqlite.max_connections").value, "4");
     let url = find("database.url").value;
     assert!(
         !url.contains("hunter2") && url.contains("<redacted>"),
@@ -244,6 +260,47 @@ fn explain_names_the_layer_each_value_came_from() {
     // Values are redacted, emptiness and paths are not.
     assert_eq!(find("auth.read_tokens").value, "[]");
     assert_eq!(find("auth.tokens_file").value, "\"\"");
+}
+
+#[test]
+fn database_urls_lose_their_passwords() {
+    use super::explain::redact_url;
+    for (url, shown) in [
+        (
+            "postgres://app:hunter2@db:5432/users",
+            "postgres://app:<redacted>@db:5432/users",
+        ),
+        (
+            "postgresql://app:p@ss/w0rd@db/users?sslmode=require",
+            "postgresql://app:<redacted>@db/users?sslmode=require",
+        ),
+        (
+            "postgres://app@db/users?password=hunter2&sslmode=disable",
+            "postgres://app@db/users?password=<redacted>&sslmode=disable",
+        ),
+        (
+            "postgres:///users?host=/run/pg",
+            "postgres:///users?host=/run/pg",
+        ),
+        ("sqlite://data/users.db", "sqlite://data/users.db"),
+    ] {
+        assert_eq!(redact_url(url), shown);
+    }
+}
+
+#[test]
+fn database_url_picks_the_backend() {
+    let mut s = Settings::embedded_default();
+    for (url, backend) in [
+        ("sqlite://data/users.db", Some(Backend::Sqlite)),
+        ("sqlite::memory:", Some(Backend::Sqlite)),
+        ("postgres://u@h/db", Some(Backend::Postgres)),
+        ("postgresql://u@h/db", Some(Backend::Postgres)),
+        ("mysql://u@h/db", None),
+    ] {
+        s.database.url = url.into();
+        assert_eq!(s.database.backend(), backend, "{url}");
+    }
 }
 
 #[test]

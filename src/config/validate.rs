@@ -2,7 +2,7 @@
 //! is `(key, problem)`; [`super::ConfigError::setting`] adds the value and
 //! where it came from.
 
-use super::{LimitsSettings, Settings};
+use super::{DATABASE_SCHEMES, LimitsSettings, Settings};
 
 /// The shortest token accepted: guessing one is out of reach.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -29,15 +29,25 @@ fn bad(key: &str, why: impl Into<String>) -> Result<(), Invalid> {
 
 impl Settings {
     pub(super) fn validate(&self) -> Result<(), Invalid> {
-        if !self.database.url.starts_with("sqlite:") {
+        if self.database.backend().is_none() {
             return bad(
                 "database.url",
-                "expected a sqlite: URL (the only backend built in), e.g. \
-                 \"sqlite://data/users.db\"",
+                format!(
+                    "expected a {DATABASE_SCHEMES} URL, e.g. \"sqlite://data/users.db\" \
+                     or \"postgres://user:password@host:5432/users\""
+                ),
             );
         }
-        if self.database.max_connections == 0 {
-            return bad("database.max_connections", "must be at least 1");
+        // Both sections are checked whatever runs, so switching backends
+        // never meets an error that was there all along.
+        if self.database.sqlite.max_connections == 0 {
+            return bad("database.sqlite.max_connections", "must be at least 1");
+        }
+        if self.database.postgres.max_connections == 0 {
+            return bad("database.postgres.max_connections", "must be at least 1");
+        }
+        if self.database.postgres.connect_timeout_ms == 0 {
+            return bad("database.postgres.connect_timeout_ms", "must be at least 1");
         }
         self.limits.validate()?;
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {

@@ -1,15 +1,104 @@
 //! Storage behind a narrow interface. Handlers only see [`UserStore`]; every
-//! line of SQL lives in a backend module, so another backend (a Postgres-wire
-//! one is planned) is a new module here and nothing else.
+//! line of SQL lives in a backend module. [`Store`] is the one place that
+//! knows which backends exist: it picks one from `database.url`'s scheme,
+//! once, and delegates to it (a `match`, no dynamic dispatch).
 
+mod postgres;
 mod sqlite;
 
 use std::future::Future;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-use crate::domain::{User, UserId, UserType};
 pub use crate::error::StoreError;
+use crate::{
+    config::{Backend, DatabaseSettings},
+    domain::{User, UserId, UserType},
+};
+
+/// The backend `database.url` names.
+// One per process, cloned per call: a clone copies SQLite's connect options
+// (no allocation), where boxing them would allocate on every clone.
+#[expect(clippy::large_enum_variant, reason = "see above")]
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl Store {
+    /// Opens the backend `settings.url`'s scheme names, with its section's
+    /// settings. Must be called inside a tokio runtime.
+    pub async fn open(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        match settings.backend() {
+            Some(Backend::Sqlite) => Ok(Self::Sqlite(
+                SqliteStore::open(&settings.url, &settings.sqlite).await?,
+            )),
+            Some(Backend::Postgres) => Ok(Self::Postgres(PostgresStore::open(
+                &settings.url,
+                &settings.postgres,
+            )?)),
+            None => Err(StoreError::Unavailable(format!(
+                "database.url {}: no backend for this scheme",
+                settings.redacted_url()
+            ))),
+        }
+    }
+}
+
+/// Runs `$call` on whichever backend `$store` is.
+macro_rules! delegate {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
+        }
+    };
+}
+
+impl UserStore for Store {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.migrate().await)
+    }
+
+    async fn seed(&self, users: &[User]) -> Result<SeedOutcome, StoreError> {
+        delegate!(self, s => s.seed(users).await)
+    }
+
+    async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        delegate!(self, s => s.get(id).await)
+    }
+
+    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
+        delegate!(self, s => s.get_many(ids).await)
+    }
+
+    async fn count_existing(&self, ids: &[UserId]) -> Result<u64, StoreError> {
+        delegate!(self, s => s.count_existing(ids).await)
+    }
+
+    async fn add(&self, user: User) -> Result<AddOutcome, StoreError> {
+        delegate!(self, s => s.add(user).await)
+    }
+
+    async fn page_by_type(
+        &self,
+        user_type: UserType,
+        after: Option<UserId>,
+        limit: u32,
+    ) -> Result<Vec<User>, StoreError> {
+        delegate!(self, s => s.page_by_type(user_type, after, limit).await)
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        delegate!(self, s => s.check().await)
+    }
+
+    async fn close(&self) {
+        delegate!(self, s => s.close().await);
+    }
+}
 
 /// What AddUser did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use self::{
 };
 use super::{AddOutcome, SeedOutcome, StoreError, UserStore};
 use crate::{
-    config::{DatabaseSettings, Synchronous},
+    config::{SqliteSettings, Synchronous},
     domain::{User, UserId, UserType},
 };
 
@@ -70,8 +70,8 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating when missing) the database, its directory included.
     /// Must be called inside a tokio runtime: it spawns the writer task.
-    pub async fn open(settings: &DatabaseSettings) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(&settings.url)
+    pub async fn open(url: &str, settings: &SqliteSettings) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("database.url: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -165,7 +165,7 @@ impl UserStore for SqliteStore {
             .connect_with(self.options.clone())
             .await
             .map_err(|e| classify(e, "migrating"))?;
-        let migrated = sqlx::migrate!("./migrations").run(&pool).await;
+        let migrated = sqlx::migrate!("./migrations/sqlite").run(&pool).await;
         pool.close().await;
         migrated.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => classify(e, "migrating"),

@@ -28,9 +28,38 @@ pub struct TestApp {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// The storage backends a test can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A file in the test's temporary directory.
+    Sqlite,
+    /// A fresh database on the test PostgreSQL (`super::postgres`).
+    Postgres,
+}
+
 /// A server with a fresh, seeded database.
 pub async fn spawn_app() -> TestApp {
-    spawn_app_in(tempfile::tempdir().unwrap(), |_| {}).await
+    spawn_app_on(Backend::Sqlite).await
+}
+
+/// A server with a fresh, seeded database on `backend`.
+pub async fn spawn_app_on(backend: Backend) -> TestApp {
+    let url = database_url(backend).await;
+    spawn_app_in(tempfile::tempdir().unwrap(), move |s| {
+        if let Some(url) = url {
+            s.database.url = url;
+        }
+    })
+    .await
+}
+
+/// A fresh database's URL on `backend`, or `None` for SQLite's default
+/// file in the test's directory.
+pub async fn database_url(backend: Backend) -> Option<String> {
+    match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(super::postgres::fresh_database().await),
+    }
 }
 
 /// A server over the database in `dir`, with settings adjusted by `adjust`.

@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod grpc_frame;
+pub mod postgres;
 pub mod process;
 pub mod raw_grpc;
 pub mod tls;
@@ -34,7 +35,9 @@ use tonic_health::pb::{
 };
 use user_manager::proto::User;
 
-pub use app::{TestApp, spawn_app, spawn_app_in, test_settings};
+pub use app::{
+    Backend, TestApp, database_url, spawn_app, spawn_app_in, spawn_app_on, test_settings,
+};
 pub use grpc_frame::grpc_frame;
 pub use process::{Binary, ServerProcess};
 pub use raw_grpc::raw_grpc_call;

@@ -4,7 +4,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use crate::common::{ServerProcess, spawn_app, spawn_app_in, user};
+use crate::common::{Backend, ServerProcess, spawn_app, spawn_app_in, spawn_app_on, user};
 use futures::{StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,9 +36,8 @@ async fn users_of_type(
         .await
 }
 
-#[tokio::test]
-async fn get_user_finds_seeded_users_and_reports_missing_ones() {
-    let app = spawn_app().await;
+async fn get_user_finds_seeded_users_and_reports_missing_ones(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut client = app.client().await;
 
     let found = client
@@ -69,9 +68,8 @@ async fn get_user_finds_seeded_users_and_reports_missing_ones() {
     }
 }
 
-#[tokio::test]
-async fn add_user_stores_and_refuses_duplicates_unchanged() {
-    let app = spawn_app().await;
+async fn add_user_stores_and_refuses_duplicates_unchanged(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut client = app.client().await;
 
     let zoe = user(100, "Zoe", GUEST);
@@ -93,9 +91,8 @@ async fn add_user_stores_and_refuses_duplicates_unchanged() {
     assert_eq!(admin.into_inner().user.unwrap().nickname, "admin");
 }
 
-#[tokio::test]
-async fn add_user_rejects_invalid_fields_by_name_and_stores_nothing() {
-    let app = spawn_app().await;
+async fn add_user_rejects_invalid_fields_by_name_and_stores_nothing(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut client = app.client().await;
     let good = user(200, "Valid", NORMAL);
     let cases = [
@@ -171,9 +168,8 @@ async fn add_user_rejects_invalid_fields_by_name_and_stores_nothing() {
     assert!(!client.add_user(good).await.unwrap().into_inner().error);
 }
 
-#[tokio::test]
-async fn concurrent_adds_of_one_id_have_exactly_one_winner() {
-    let app = spawn_app().await;
+async fn concurrent_adds_of_one_id_have_exactly_one_winner(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let channel = app.channel().await;
     let calls = (0..64).map(|i| {
         let mut client =
@@ -199,9 +195,8 @@ async fn concurrent_adds_of_one_id_have_exactly_one_winner() {
     assert_eq!(stored.into_inner().user.as_ref(), Some(&winners[0]));
 }
 
-#[tokio::test]
-async fn count_already_users_counts_every_existing_message() {
-    let app = spawn_app().await;
+async fn count_already_users_counts_every_existing_message(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut client = app.client().await;
     let count = |reqs: Vec<UserRequest>| {
         let mut client = client.clone();
@@ -228,9 +223,8 @@ async fn count_already_users_counts_every_existing_message() {
     assert_eq!(r.user_cnt, 60_000);
 }
 
-#[tokio::test]
-async fn get_users_by_type_streams_every_match_in_id_order() {
-    let app = spawn_app().await;
+async fn get_users_by_type_streams_every_match_in_id_order(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut client = app.client().await;
 
     let normal: Vec<u32> = users_of_type(&mut client, NORMAL)
@@ -266,9 +260,8 @@ async fn get_users_by_type_streams_every_match_in_id_order() {
     assert!(status.message().contains("user_type"));
 }
 
-#[tokio::test]
-async fn get_users_by_ids_answers_each_id_before_the_next_is_sent() {
-    let app = spawn_app().await;
+async fn get_users_by_ids_answers_each_id_before_the_next_is_sent(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut client = app.client().await;
     let (tx, rx) = mpsc::channel(1);
     let mut answers = client
@@ -298,9 +291,8 @@ async fn get_users_by_ids_answers_each_id_before_the_next_is_sent() {
     assert!(matches!(end, Ok(None)), "{end:?}");
 }
 
-#[tokio::test]
-async fn get_users_by_ids_streams_in_request_order_at_volume() {
-    let app = spawn_app().await;
+async fn get_users_by_ids_streams_in_request_order_at_volume(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let mut client = app.client().await;
     let requests = (0..20_000u32).map(|i| UserRequest { id: i % 8 + 1 });
     let got: Vec<u32> = client
@@ -411,13 +403,12 @@ async fn storage_failures_are_internal_without_driver_text() {
     }
 }
 
-#[tokio::test]
-async fn health_and_reflection_v1_describe_the_service() {
+async fn health_and_reflection_v1_describe_the_service(backend: Backend) {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let app = spawn_app().await;
+    let app = spawn_app_on(backend).await;
     for name in ["", "UserManager"] {
         assert_eq!(
             common::health_status(&app.url(), name).await,
@@ -445,3 +436,39 @@ async fn health_and_reflection_v1_describe_the_service() {
         assert!(names.iter().any(|n| n == expected), "{names:?}");
     }
 }
+
+/// The behaviour tests, once per backend: `api::sqlite::NAME` and
+/// `api::postgres::NAME` (a fresh PostgreSQL database each). The tests above
+/// without a backend poke at SQLite's file and run on it alone.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    get_user_finds_seeded_users_and_reports_missing_ones,
+    add_user_stores_and_refuses_duplicates_unchanged,
+    add_user_rejects_invalid_fields_by_name_and_stores_nothing,
+    concurrent_adds_of_one_id_have_exactly_one_winner,
+    count_already_users_counts_every_existing_message,
+    get_users_by_type_streams_every_match_in_id_order,
+    get_users_by_ids_answers_each_id_before_the_next_is_sent,
+    get_users_by_ids_streams_in_request_order_at_volume,
+    health_and_reflection_v1_describe_the_service,
+);

@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::common::{
-    ServerProcess, spawn_app,
+    Backend, ServerProcess, database_url, spawn_app, spawn_app_on,
     tools::{self, text},
 };
 use serde_json::{Value, json};
@@ -453,6 +453,15 @@ fn readme_examples(markdown: &str) -> Vec<Example> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_grpcurl_examples() {
+    readme_grpcurl_examples_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readme_grpcurl_examples_on_postgres() {
+    readme_grpcurl_examples_on(Backend::Postgres).await;
+}
+
+async fn readme_grpcurl_examples_on(backend: Backend) {
     let readme = read_readme();
     let examples = readme_examples(&readme);
 
@@ -476,7 +485,12 @@ async fn readme_grpcurl_examples() {
     // The real binary, as `cargo run` starts it: the examples are run in
     // order against one freshly seeded server, as the README says.
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]).await;
+    let url = database_url(backend).await;
+    let env: Vec<(&str, &str)> = url
+        .iter()
+        .map(|url| ("USER_MANAGER__DATABASE__URL", url.as_str()))
+        .collect();
+    let server = ServerProcess::start(dir.path(), &env).await;
     grpcurl_path(); // a clear message if grpcurl is missing, not sh's
     for example in &examples {
         let command = example
@@ -674,7 +688,16 @@ fn python() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_grpcio_client_uses_every_rpc_health_and_reflection() {
-    let app = spawn_app().await;
+    python_grpcio_client_on(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_grpcio_client_on_postgres() {
+    python_grpcio_client_on(Backend::Postgres).await;
+}
+
+async fn python_grpcio_client_on(backend: Backend) {
+    let app = spawn_app_on(backend).await;
     let script = Path::new(MANIFEST_DIR).join("tests/e2e/grpcio_client.py");
     let mut command = Command::new(python());
     command.arg(&script).arg(app.addr.to_string());

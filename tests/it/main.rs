@@ -24,8 +24,10 @@ mod e2e;
 mod k8s;
 mod newcomer;
 mod ops;
+mod replicas;
 mod safety;
 mod security;
+mod store;
 mod tls_flood;
 mod traces;
 

@@ -165,7 +165,7 @@ fn a_failed_healthcheck_names_each_cause_once_and_what_to_check() {
 fn configuration_errors_name_key_source_value_and_choices_once() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
-    std::fs::write(&file, "[database]\nsynchronous = \"off\"\n").unwrap();
+    std::fs::write(&file, "[database.sqlite]\nsynchronous = \"off\"\n").unwrap();
     let file_arg = file.to_str().unwrap();
     for (args, env, expected) in [
         (
@@ -178,7 +178,7 @@ fn configuration_errors_name_key_source_value_and_choices_once() {
             &["--config", file_arg][..],
             &[],
             format!(
-                "database.synchronous = \"off\" (file {file_arg}): expected one of \"normal\", \"full\""
+                "database.sqlite.synchronous = \"off\" (file {file_arg}): expected one of \"normal\", \"full\""
             ),
         ),
         (

@@ -407,9 +407,9 @@ fn config_subcommand_shows_sources_and_bad_values_fail_before_binding() {
         &["serve"],
         &[
             ("USER_MANAGER__SERVER__LISTEN", "127.0.0.1:0"),
-            ("USER_MANAGER__DATABASE__MAX_CONNECTIONS", "many"),
+            ("USER_MANAGER__DATABASE__SQLITE__MAX_CONNECTIONS", "many"),
         ],
     );
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("database.max_connections"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("database.sqlite.max_connections"));
 }

@@ -1,0 +1,212 @@
+//! The `UserStore` contract, run against every backend: SQLite in a
+//! temporary file, PostgreSQL in a fresh database on a real server
+//! (`common::postgres`). A new backend adds one `backend!` line.
+
+use std::time::Duration;
+
+use tempfile::TempDir;
+use user_manager::{
+    config::Settings,
+    domain::{User, UserId, UserType},
+    store::{AddOutcome, SeedOutcome, Store, UserStore},
+};
+
+use crate::common::postgres as pg;
+
+/// A store over an empty, migrated database, and what keeps it alive.
+pub(crate) async fn open(backend: &str) -> (Store, Option<TempDir>) {
+    let mut settings = Settings::embedded_default();
+    let dir = match backend {
+        "sqlite" => {
+            let dir = tempfile::tempdir().unwrap();
+            settings.database.url = format!("sqlite://{}", dir.path().join("users.db").display());
+            Some(dir)
+        }
+        "postgres" => {
+            settings.database.url = pg::fresh_database().await;
+            None
+        }
+        other => panic!("no backend {other}"),
+    };
+    let store = Store::open(&settings.database).await.expect("store opens");
+    store.migrate().await.expect("migrates");
+    (store, dir)
+}
+
+fn user(id: u32, nickname: &str, user_type: i32) -> User {
+    User::parse(
+        id,
+        nickname.into(),
+        format!("{nickname}@example.com"),
+        user_type,
+    )
+    .unwrap()
+}
+
+fn ids(raw: &[u32]) -> Vec<UserId> {
+    raw.iter().map(|&id| UserId::new(id).unwrap()).collect()
+}
+
+fn id_list(users: &[User]) -> Vec<u32> {
+    users.iter().map(|u| u.id.get()).collect()
+}
+
+async fn get_add_and_already_exists(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    let id = UserId::new(7).unwrap();
+    assert_eq!(store.get(id).await.unwrap(), None);
+    let alice = user(7, "alice", 1);
+    assert_eq!(store.add(alice.clone()).await.unwrap(), AddOutcome::Added);
+    assert_eq!(
+        store.add(user(7, "mallory", 2)).await.unwrap(),
+        AddOutcome::AlreadyExists
+    );
+    assert_eq!(store.get(id).await.unwrap(), Some(alice), "left unchanged");
+    store.close().await;
+}
+
+async fn the_largest_id_round_trips(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    let max = user(u32::MAX, "max", 3);
+    assert_eq!(store.add(max.clone()).await.unwrap(), AddOutcome::Added);
+    assert_eq!(store.get(max.id).await.unwrap(), Some(max.clone()));
+    assert_eq!(store.get_many(&[max.id]).await.unwrap(), vec![max.clone()]);
+    let page = store.page_by_type(UserType::Guest, None, 10).await.unwrap();
+    assert_eq!(page, vec![max]);
+    store.close().await;
+}
+
+async fn get_many_keeps_order_and_repeats(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    for (id, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        store.add(user(id, name, 1)).await.unwrap();
+    }
+    let found = store.get_many(&ids(&[3, 9, 1, 3, 2, 1])).await.unwrap();
+    assert_eq!(id_list(&found), [3, 1, 3, 2, 1]);
+    assert!(store.get_many(&[]).await.unwrap().is_empty());
+    store.close().await;
+}
+
+async fn count_existing_counts_repeats(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    store.add(user(1, "a", 1)).await.unwrap();
+    store.add(user(2, "b", 1)).await.unwrap();
+    assert_eq!(store.count_existing(&ids(&[1, 1, 2, 5])).await.unwrap(), 3);
+    assert_eq!(store.count_existing(&[]).await.unwrap(), 0);
+    store.close().await;
+}
+
+async fn page_by_type_pages_by_keyset(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    for id in 1..=25 {
+        let user_type = if id % 2 == 0 { 3 } else { 1 };
+        store
+            .add(user(id, &format!("u{id}"), user_type))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.page_by_type(UserType::Guest, after, 5).await.unwrap();
+        assert!(page.len() <= 5);
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.iter().all(|u| u.user_type == UserType::Guest));
+        after = page.last().map(|u| u.id);
+        seen.extend(id_list(&page));
+    }
+    assert_eq!(seen, (2..=24).step_by(2).collect::<Vec<u32>>());
+    assert!(
+        store
+            .page_by_type(UserType::Disabled, None, 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.close().await;
+}
+
+async fn the_seed_is_imported_once(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    let seed = vec![user(1, "a", 1), user(2, "b", 2)];
+    assert_eq!(
+        store.seed(&seed).await.unwrap(),
+        SeedOutcome::Imported { users: 2 }
+    );
+    store.add(user(3, "c", 1)).await.unwrap();
+    assert_eq!(
+        store.seed(&seed).await.unwrap(),
+        SeedOutcome::AlreadyImported
+    );
+    assert_eq!(store.count_existing(&ids(&[1, 2, 3])).await.unwrap(), 3);
+    store.close().await;
+}
+
+async fn racing_adds_of_one_id_have_one_winner(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    let racers: Vec<_> = (0..16)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { store.add(user(42, &format!("racer{n}"), 1)).await })
+        })
+        .collect();
+    let mut added = 0;
+    for racer in racers {
+        if racer.await.unwrap().unwrap() == AddOutcome::Added {
+            added += 1;
+        }
+    }
+    assert_eq!(added, 1);
+    store.close().await;
+}
+
+async fn migrating_twice_changes_nothing(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    store.add(user(5, "kept", 4)).await.unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    assert!(store.get(UserId::new(5).unwrap()).await.unwrap().is_some());
+    store.check().await.unwrap();
+    store.close().await;
+}
+
+/// Each contract test once per backend: `store::sqlite::NAME`, `store::postgres::NAME`.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::within_a_minute(super::$name("sqlite")).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::within_a_minute(super::$name("postgres")).await;
+                }
+            )*
+        }
+    };
+}
+
+async fn within_a_minute(test: impl Future<Output = ()>) {
+    tokio::time::timeout(Duration::from_secs(60), test)
+        .await
+        .expect("finishes within a minute");
+}
+
+contract!(
+    get_add_and_already_exists,
+    the_largest_id_round_trips,
+    get_many_keeps_order_and_repeats,
+    count_existing_counts_repeats,
+    page_by_type_pages_by_keyset,
+    the_seed_is_imported_once,
+    racing_adds_of_one_id_have_one_winner,
+    migrating_twice_changes_nothing,
+);
