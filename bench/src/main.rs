@@ -498,11 +498,19 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         "request",
         &get_user,
         Targets {
-            min_ratio: 0.75,
+            min_ratio: Some(0.75),
             max_cpu_ratio: Some(1.5),
             max_switches: Some(0.5),
         },
     );
+
+    // "No slower than today" needs today's build beside it: --candidate-bin.
+    eprintln!("bench: GetUser, one caller");
+    let lone = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::get_user(&s.channels, users, 1, window, None))
+    })
+    .await?;
+    report.workload("GetUser, 1 caller", "request", &lone, report::NO_TARGET);
 
     eprintln!("bench: GetUser at half of the peak rate");
     let mut paced = Vec::new();
@@ -649,6 +657,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     let idle_after: Vec<Option<u64>> = sides.iter().map(|s| s.server.rss_kib()).collect();
     let all = [
         &get_user,
+        &lone,
         &paced,
         &short_by_type,
         &short_count,

@@ -41,15 +41,22 @@ impl Measured {
 /// switches per operation.
 #[derive(Clone, Copy)]
 pub struct Targets {
-    pub min_ratio: f64,
+    pub min_ratio: Option<f64>,
     pub max_cpu_ratio: Option<f64>,
     pub max_switches: Option<f64>,
 }
 
+/// No target: figures only.
+pub const NO_TARGET: Targets = Targets {
+    min_ratio: None,
+    max_cpu_ratio: None,
+    max_switches: None,
+};
+
 /// A throughput target alone.
 pub fn min_ratio(min_ratio: f64) -> Targets {
     Targets {
-        min_ratio,
+        min_ratio: Some(min_ratio),
         max_cpu_ratio: None,
         max_switches: None,
     }
@@ -178,14 +185,16 @@ impl Report {
         self.count_failures(name, all);
         let rate_of = |m: &Measured| Some(m.outcome.rate());
         let ratio = all[1].outcome.rate() / all[0].outcome.rate();
-        let min = target.min_ratio;
-        let cell = self.verdict(
-            format!("{name}: at least {min}× the reference's throughput"),
-            ratio >= min,
-            ratio_detail(ratio, min),
-            true,
-            format!("≥ {min}×"),
-        );
+        let cell = match target.min_ratio {
+            None => String::new(),
+            Some(min) => self.verdict(
+                format!("{name}: at least {min}× the reference's throughput"),
+                ratio >= min,
+                ratio_detail(ratio, min),
+                true,
+                format!("≥ {min}×"),
+            ),
+        };
         self.row(name, &format!("{unit}/s"), all, rate_of, rate, &cell);
         if !all[1].outcome.latencies.is_empty() {
             for p in [50.0, 99.0] {

@@ -57,6 +57,7 @@ fn smoke_run_checks_every_workload_and_writes_the_report() {
         "| GetUser, 64 callers | request/s |",
         "| GetUser, 64 callers | server context switches per request |",
         "| GetUser at half its peak rate | p99 latency |",
+        "| GetUser, 1 caller | p50 latency |",
         "| GetUsersByType, 8 users per call, 64 callers | call/s |",
         "| CountAlreadyUsers, 100 ids per call, 64 callers | call/s |",
         "| GetUsersByIds, 100 ids per call, 64 callers | call/s |",
