@@ -14,8 +14,22 @@ use user_manager::{domain::UserType, proto::User};
 /// The type GetUsersByType asks for: ids with `id % 4 == 1`, a quarter of them.
 pub const STREAMED_TYPE: i32 = 2;
 
+/// The type only a handful of users have (DISABLED): ids up to
+/// [`RARE_BELOW`] with `id % 4 == 3`; the others with `id % 4 == 3` are
+/// NORMAL. The short GetUsersByType calls ask for it.
+pub const RARE_TYPE: i32 = 4;
+pub const RARE_BELOW: u32 = 32;
+
 pub fn user_type(id: u32) -> i32 {
-    (id % 4) as i32 + 1
+    match id % 4 {
+        3 if id > RARE_BELOW => 1,
+        n => n as i32 + 1,
+    }
+}
+
+/// The users of [`RARE_TYPE`] among users 1..=`users`, in id order.
+pub fn rare_ids(users: u32) -> impl Iterator<Item = u32> {
+    (1..=users.min(RARE_BELOW)).filter(|&id| user_type(id) == RARE_TYPE)
 }
 
 pub fn user(id: u32) -> User {
@@ -60,9 +74,11 @@ pub async fn populate(db: &Path, users: u32) -> anyhow::Result<()> {
     sqlx::query(
         "WITH RECURSIVE seq(id) AS (SELECT 1 UNION ALL SELECT id + 1 FROM seq WHERE id < ?1) \
          INSERT INTO users (id, nickname, mail_address, user_type) \
-         SELECT id, 'user' || id, 'user' || id || '@example.com', id % 4 + 1 FROM seq",
+         SELECT id, 'user' || id, 'user' || id || '@example.com', \
+         CASE WHEN id % 4 = 3 AND id > ?2 THEN 1 ELSE id % 4 + 1 END FROM seq",
     )
     .bind(i64::from(users))
+    .bind(i64::from(RARE_BELOW))
     .execute(&mut conn)
     .await
     .context("inserting the users")?;
@@ -160,6 +176,19 @@ mod tests {
             assert_eq!(stored.mail_address.as_str(), expected.mail_address);
             assert_eq!(stored.user_type.number(), expected.user_type);
         }
+    }
+
+    #[test]
+    fn a_handful_of_users_have_the_rare_type() {
+        assert_eq!(
+            rare_ids(1_000_000).collect::<Vec<_>>(),
+            [3, 7, 11, 15, 19, 23, 27, 31]
+        );
+        assert_eq!(rare_ids(10).collect::<Vec<_>>(), [3, 7]);
+        assert_eq!(
+            (1..=1000).filter(|&id| user_type(id) == RARE_TYPE).count(),
+            8
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -17,7 +18,7 @@ use user_manager::proto::{
     UserRequest, UserResponse, UserTypeRequest, user_manager_client::UserManagerClient,
 };
 
-use crate::dataset::{self, Rng, STREAMED_TYPE};
+use crate::dataset::{self, RARE_TYPE, Rng, STREAMED_TYPE};
 
 type Client = UserManagerClient<Channel>;
 
@@ -26,6 +27,9 @@ type Client = UserManagerClient<Channel>;
 pub struct Outcome {
     /// Requests (or stream messages) answered correctly inside the window.
     pub ops: u64,
+    /// Requests answered correctly in all, warm-up included (0: as `ops`):
+    /// what the server's context switches over the workload are divided by.
+    pub ops_total: u64,
     pub elapsed: Duration,
     /// Latencies of the measured requests, in nanoseconds (empty for bulk streams).
     pub latencies: Vec<u64>,
@@ -65,6 +69,7 @@ impl Failures {
         latencies.sort_unstable();
         Outcome {
             ops,
+            ops_total: 0,
             elapsed,
             latencies,
             failures: self.count.into_inner(),
@@ -133,6 +138,7 @@ where
             tokio::spawn(async move {
                 let mut rng = Rng::new(i as u64 + 1);
                 let mut latencies = Vec::new();
+                let mut answered = 0;
                 loop {
                     if let Some(ticks) = &mut ticks {
                         ticks.tick().await;
@@ -144,6 +150,7 @@ where
                     let (back, result) = call(client, &mut rng).await;
                     client = back;
                     let done = Instant::now();
+                    answered += u64::from(result.is_ok());
                     match result {
                         Ok(()) if sent >= from && done <= until => {
                             latencies.push((done - sent).as_nanos() as u64);
@@ -152,16 +159,155 @@ where
                         Err(what) => failures.record(what),
                     }
                 }
-                latencies
+                (latencies, answered)
             })
         })
         .collect();
     let mut latencies = Vec::new();
+    let mut answered = 0;
     for task in tasks {
-        latencies.extend(task.await.expect("a load task panicked"));
+        let (some, n) = task.await.expect("a load task panicked");
+        latencies.extend(some);
+        answered += n;
     }
     let failures = Arc::into_inner(failures).expect("every task has finished");
-    failures.into_outcome(latencies.len() as u64, window.measure, latencies)
+    let mut outcome = failures.into_outcome(latencies.len() as u64, window.measure, latencies);
+    outcome.ops_total = answered;
+    outcome
+}
+
+/// `calls` calls in all from `concurrency` callers spread over `channels`,
+/// one request in flight each, as fast as answers come back: a fixed amount
+/// of work, for counting instructions.
+pub async fn fixed_calls<F, Fut>(
+    channels: &[Channel],
+    concurrency: usize,
+    calls: u64,
+    call: F,
+) -> Outcome
+where
+    F: Fn(Client, &mut Rng) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = (Client, Result<(), String>)> + Send,
+{
+    let failures = Arc::new(Failures::default());
+    let left = Arc::new(AtomicU64::new(calls));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let mut client = UserManagerClient::new(channels[i % channels.len()].clone());
+            let (failures, left, call) = (failures.clone(), left.clone(), call.clone());
+            tokio::spawn(async move {
+                let mut rng = Rng::new(1000 + i as u64);
+                let mut answered = 0;
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let (back, result) = call(client, &mut rng).await;
+                    client = back;
+                    match result {
+                        Ok(()) => answered += 1,
+                        Err(what) => failures.record(what),
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut ops = 0;
+    for task in tasks {
+        ops += task.await.expect("a load task panicked");
+    }
+    let failures = Arc::into_inner(failures).expect("every task has finished");
+    failures.into_outcome(ops, start.elapsed(), Vec::new())
+}
+
+/// One GetUser of a uniformly drawn existing id, checked.
+pub fn get_user_call(users: u32) -> impl Fn(Client, &mut Rng) -> Call + Clone + Send + 'static {
+    move |mut client, rng| {
+        let id = rng.id(users);
+        Box::pin(async move {
+            let result = client.get_user(UserRequest { id }).await;
+            (client, expect_user(result, id))
+        })
+    }
+}
+
+type Call = Pin<Box<dyn Future<Output = (Client, Result<(), String>)> + Send>>;
+
+/// One short GetUsersByType call, for the type only a handful of users have:
+/// exactly those users, in id order.
+pub fn by_rare_type_call(users: u32) -> impl Fn(Client, &mut Rng) -> Call + Clone + Send + 'static {
+    let expected: Arc<[u32]> = dataset::rare_ids(users).collect();
+    move |mut client, _| {
+        let expected = expected.clone();
+        Box::pin(async move {
+            let request = UserTypeRequest {
+                user_type: RARE_TYPE,
+            };
+            let result = match client.get_users_by_type(request).await {
+                Ok(r) => check_users(r.into_inner(), expected.iter().copied())
+                    .await
+                    .map_err(|(what, _)| what),
+                Err(s) => Err(status(&s)),
+            };
+            (client, result.map(drop))
+        })
+    }
+}
+
+/// One short CountAlreadyUsers call of `ids` ids drawn from twice the id
+/// range (about half exist), its count checked.
+pub fn count_call(
+    users: u32,
+    ids: u32,
+) -> impl Fn(Client, &mut Rng) -> Call + Clone + Send + 'static {
+    move |mut client, rng| {
+        let range = users.saturating_mul(2);
+        let drawn: Vec<u32> = (0..ids).map(|_| rng.id(range)).collect();
+        let expected = drawn.iter().filter(|&&id| id <= users).count() as u32;
+        Box::pin(async move {
+            let requests = stream::iter(drawn.into_iter().map(|id| UserRequest { id }));
+            let result = match client.count_already_users(requests).await {
+                Ok(r) if !r.get_ref().error && r.get_ref().user_cnt == expected => Ok(()),
+                Ok(r) => Err(format!("expected {expected}, got {:?}", r.into_inner())),
+                Err(s) => Err(status(&s)),
+            };
+            (client, result)
+        })
+    }
+}
+
+/// One short GetUsersByIds call of `ids` existing ids, every answer checked
+/// in order.
+pub fn by_ids_call(
+    users: u32,
+    ids: u32,
+) -> impl Fn(Client, &mut Rng) -> Call + Clone + Send + 'static {
+    move |mut client, rng| {
+        let drawn: Vec<u32> = (0..ids).map(|_| rng.id(users)).collect();
+        Box::pin(async move {
+            let requests = stream::iter(drawn.clone().into_iter().map(|id| UserRequest { id }));
+            let result = match client.get_users_by_ids(requests).await {
+                Ok(r) => check_users(r.into_inner(), drawn.into_iter())
+                    .await
+                    .map_err(|(what, _)| what),
+                Err(s) => Err(status(&s)),
+            };
+            (client, result.map(drop))
+        })
+    }
+}
+
+/// Short calls from `concurrency` callers over the window, as fast as
+/// answers come back.
+pub async fn short_calls(
+    channels: &[Channel],
+    concurrency: usize,
+    window: Window,
+    call: impl Fn(Client, &mut Rng) -> Call + Clone + Send + 'static,
+) -> Outcome {
+    callers(channels, concurrency, window, None, call).await
 }
 
 /// GetUser of uniformly drawn existing ids.
@@ -172,20 +318,7 @@ pub async fn get_user(
     window: Window,
     rate: Option<f64>,
 ) -> Outcome {
-    callers(
-        channels,
-        concurrency,
-        window,
-        rate,
-        move |mut client, rng| {
-            let id = rng.id(users);
-            async move {
-                let result = client.get_user(UserRequest { id }).await;
-                (client, expect_user(result, id))
-            }
-        },
-    )
-    .await
+    callers(channels, concurrency, window, rate, get_user_call(users)).await
 }
 
 /// AddUser of new users, ids taken from `next_id` so every call adds one.
@@ -208,10 +341,25 @@ pub async fn add_user(
 /// Reads a stream that must carry exactly the users `expected`, in order;
 /// returns how many answers were right before the first wrong one.
 async fn expect_users(
-    mut answers: Streaming<UserResponse>,
-    mut expected: impl Iterator<Item = u32>,
+    answers: Streaming<UserResponse>,
+    expected: impl Iterator<Item = u32>,
     failures: &Failures,
 ) -> u64 {
+    match check_users(answers, expected).await {
+        Ok(ops) => ops,
+        Err((what, ops)) => {
+            failures.record(what);
+            ops
+        }
+    }
+}
+
+/// Reads a stream that must carry exactly the users `expected`, in order:
+/// how many there were, or what was wrong and how many were right before.
+async fn check_users(
+    mut answers: Streaming<UserResponse>,
+    mut expected: impl Iterator<Item = u32>,
+) -> Result<u64, (String, u64)> {
     let mut ops = 0;
     while let Some(answer) = answers.next().await {
         let checked = match (answer, expected.next()) {
@@ -220,15 +368,14 @@ async fn expect_users(
             (Err(s), _) => Err(status(&s)),
         };
         if let Err(what) = checked {
-            failures.record(what);
-            return ops;
+            return Err((what, ops));
         }
         ops += 1;
     }
-    if let Some(id) = expected.next() {
-        failures.record(format!("the stream ended before user {id}"));
+    match expected.next() {
+        Some(id) => Err((format!("the stream ended before user {id}"), ops)),
+        None => Ok(ops),
     }
-    ops
 }
 
 /// One GetUsersByType stream, checked message by message: every user of the
@@ -288,6 +435,7 @@ pub async fn users_by_ids_ping_pong(channel: &Channel, users: u32, window: Windo
     let (ids, requests) = mpsc::unbounded();
     let mut rng = Rng::new(11);
     let mut latencies = Vec::new();
+    let mut answered = 0;
     let start = Instant::now();
     let from = start + window.warmup;
     let until = from + window.measure;
@@ -312,6 +460,7 @@ pub async fn users_by_ids_ping_pong(channel: &Channel, users: u32, window: Windo
                     failures.record(what);
                     break;
                 }
+                answered += 1;
                 if sent >= from {
                     latencies.push((done - sent).as_nanos() as u64);
                 }
@@ -330,7 +479,9 @@ pub async fn users_by_ids_ping_pong(channel: &Channel, users: u32, window: Windo
             }
         }
     }
-    failures.into_outcome(latencies.len() as u64, window.measure, latencies)
+    let mut outcome = failures.into_outcome(latencies.len() as u64, window.measure, latencies);
+    outcome.ops_total = answered;
+    outcome
 }
 
 /// GetUsersByIds on one stream per channel, each sending `per_stream` ids as

@@ -12,8 +12,10 @@
 // another module of it", which is what the modules say.
 #![allow(unreachable_pub)]
 
+mod callgrind;
 mod dataset;
 mod load;
+mod machine;
 mod process;
 mod reference;
 mod report;
@@ -34,14 +36,17 @@ use tonic::transport::Channel;
 
 use crate::{
     load::{Outcome, Window},
+    machine::{Load, Sample, Sampler},
     process::{Database, Fleet, ServerProcess},
-    report::{Measured, MinRatio, Report},
+    report::{Measured, Report, Targets, min_ratio},
 };
 
 /// Streams in flight for GetUser and AddUser, spread over the connections.
 const CALLERS: usize = 64;
 /// HTTP/2 connections the load generator opens to each server.
 const CONNECTIONS: usize = 4;
+/// Ids per call of the short CountAlreadyUsers and GetUsersByIds calls.
+const SHORT_IDS: u32 = 100;
 
 /// Load user-manager and a bare tonic reference server side by side.
 #[derive(Parser)]
@@ -83,6 +88,16 @@ struct Cli {
     /// PostgreSQL --database-url: a SQLite file has one writer.
     #[arg(long, value_name = "N", default_value_t = 1)]
     replicas: usize,
+    /// Only count instructions per call under valgrind's callgrind (part of
+    /// --quick and --full otherwise); writes nothing unless --out is given.
+    #[arg(long, conflicts_with = "skip_instructions")]
+    instructions: bool,
+    /// Leave out the instruction counts (callgrind).
+    #[arg(long)]
+    skip_instructions: bool,
+    /// Testing: judge as if other processes had kept N tasks runnable.
+    #[arg(long, value_name = "N", hide = true)]
+    pretend_load: Option<f64>,
     /// Internal: serve as the reference server on ADDR.
     #[arg(long, value_name = "ADDR", hide = true)]
     reference_server: Option<SocketAddr>,
@@ -98,6 +113,7 @@ struct Plan {
     count_ids: u32,
     ids_per_stream: u32,
     starts: usize,
+    instructions: callgrind::Sizes,
 }
 
 impl Plan {
@@ -115,6 +131,11 @@ impl Plan {
                 count_ids: 5_000,
                 ids_per_stream: 2_000,
                 starts: 2,
+                instructions: callgrind::Sizes {
+                    warmup: 50,
+                    get_user: 100,
+                    by_ids: 10,
+                },
             }
         } else if cli.full {
             Plan {
@@ -128,6 +149,11 @@ impl Plan {
                 count_ids: 1_000_000,
                 ids_per_stream: 250_000,
                 starts: 5,
+                instructions: callgrind::Sizes {
+                    warmup: 500,
+                    get_user: 4_000,
+                    by_ids: 200,
+                },
             }
         } else {
             Plan {
@@ -141,6 +167,11 @@ impl Plan {
                 count_ids: 1_000_000,
                 ids_per_stream: 100_000,
                 starts: 3,
+                instructions: callgrind::Sizes {
+                    warmup: 500,
+                    get_user: 2_000,
+                    by_ids: 100,
+                },
             }
         };
         if let Some(users) = cli.users {
@@ -225,14 +256,20 @@ async fn measure(
     side.server.ensure_running()?;
     side.server.reset_peak();
     let cpu = side.server.cpu_time();
+    let switches = side.server.context_switches();
     let outcome = work(side).await;
     let server_cpu = side.server.cpu_time().saturating_sub(cpu);
+    let context_switches = match (switches, side.server.context_switches()) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
     let peak_rss_kib = side.server.peak_rss_kib();
     side.server.ensure_running()?;
     Ok(Measured {
         outcome,
         server_cpu,
         peak_rss_kib,
+        context_switches,
     })
 }
 
@@ -325,6 +362,7 @@ fn candidate_names(paths: &[PathBuf]) -> Vec<String> {
 
 async fn run(cli: Cli) -> anyhow::Result<u64> {
     check_database(&cli)?;
+    let load_before = Sample::now();
     let plan = Plan::of(&cli);
     if cfg!(debug_assertions) && !cli.smoke {
         eprintln!("bench: warning: the load generator is a debug build; use `cargo run --release`");
@@ -349,7 +387,6 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         plan.users,
         tmp.path().display()
     );
-    let load_before = loadavg();
     let prepared = Instant::now();
     let logs = tmp.path().join("user-manager");
     std::fs::create_dir_all(&logs)?;
@@ -392,6 +429,29 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         "bench: database ready in {:.1} s",
         prepared.elapsed().as_secs_f64()
     );
+    let sampler = Sampler::start();
+    let callgrind_dir = tmp.path().join("callgrind");
+    std::fs::create_dir_all(&callgrind_dir)?;
+
+    if cli.instructions {
+        let mut report = Report::new(servers.iter().map(|s| s.0.clone()).collect());
+        report.sides.insert(0, "reference".into());
+        count_instructions(&mut report, &plan, &servers, &callgrind_dir).await;
+        let load = judged_load(&cli, load_before, sampler.stop());
+        report.load = Some(load);
+        let results = format!(
+            "{}\n{}",
+            context(&plan, &cli, &binary, tmp.path(), &load),
+            report.render()
+        );
+        println!("{results}");
+        if let Some(out) = &cli.out {
+            report::write_into(out, block_label(&cli).as_deref(), &results)?;
+            eprintln!("bench: results written to {}", out.display());
+        }
+        return Ok(report.failures);
+    }
+    let instruction_targets = servers.clone();
 
     let mut reference = ServerProcess::reference(plan.users)?;
     reference.wait_answering().await?;
@@ -437,8 +497,20 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         &format!("GetUser, {CALLERS} callers"),
         "request",
         &get_user,
-        MinRatio(0.75),
+        Targets {
+            min_ratio: Some(0.75),
+            max_cpu_ratio: Some(1.5),
+            max_switches: Some(0.5),
+        },
     );
+
+    // "No slower than today" needs today's build beside it: --candidate-bin.
+    eprintln!("bench: GetUser, one caller");
+    let lone = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::get_user(&s.channels, users, 1, window, None))
+    })
+    .await?;
+    report.workload("GetUser, 1 caller", "request", &lone, report::NO_TARGET);
 
     eprintln!("bench: GetUser at half of the peak rate");
     let mut paced = Vec::new();
@@ -463,6 +535,54 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         Duration::from_millis(1),
     );
 
+    eprintln!("bench: short calls");
+    let rare = dataset::rare_ids(users).count();
+    let short_by_type = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::short_calls(
+            &s.channels,
+            CALLERS,
+            window,
+            load::by_rare_type_call(users),
+        ))
+    })
+    .await?;
+    report.workload(
+        &format!("GetUsersByType, {rare} users per call, {CALLERS} callers"),
+        "call",
+        &short_by_type,
+        min_ratio(0.5),
+    );
+    let short_count = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::short_calls(
+            &s.channels,
+            CALLERS,
+            window,
+            load::count_call(users, SHORT_IDS),
+        ))
+    })
+    .await?;
+    report.workload(
+        &format!("CountAlreadyUsers, {SHORT_IDS} ids per call, {CALLERS} callers"),
+        "call",
+        &short_count,
+        min_ratio(0.5),
+    );
+    let short_by_ids = compare(&mut sides, plan.passes, |s| {
+        Box::pin(load::short_calls(
+            &s.channels,
+            CALLERS,
+            window,
+            load::by_ids_call(users, SHORT_IDS),
+        ))
+    })
+    .await?;
+    report.workload(
+        &format!("GetUsersByIds, {SHORT_IDS} ids per call, {CALLERS} callers"),
+        "call",
+        &short_by_ids,
+        min_ratio(0.5),
+    );
+
     eprintln!("bench: GetUsersByType");
     let by_type = compare(&mut sides, plan.passes, |s| {
         Box::pin(load::users_by_type(&s.channels[0], users))
@@ -476,7 +596,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         ),
         "message",
         &by_type,
-        MinRatio(0.5),
+        min_ratio(0.5),
     );
 
     eprintln!("bench: CountAlreadyUsers");
@@ -489,7 +609,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         &format!("CountAlreadyUsers, {count_ids} ids in one stream"),
         "id",
         &count,
-        MinRatio(0.5),
+        min_ratio(0.5),
     );
 
     eprintln!("bench: GetUsersByIds");
@@ -501,7 +621,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         "GetUsersByIds, ping-pong on one stream",
         "round trip",
         &ping_pong,
-        MinRatio(0.5),
+        min_ratio(0.75),
     );
     let per_stream = plan.ids_per_stream;
     let by_ids = compare(&mut sides, plan.passes, |s| {
@@ -512,7 +632,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         &format!("GetUsersByIds, {CONNECTIONS} streams of {per_stream} ids"),
         "message",
         &by_ids,
-        MinRatio(0.5),
+        min_ratio(0.5),
     );
 
     // Last, because it grows the database the other workloads check against.
@@ -530,13 +650,23 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         &format!("AddUser, {CALLERS} callers"),
         "request",
         &add_user,
-        MinRatio(0.25),
+        min_ratio(0.5),
     );
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_after: Vec<Option<u64>> = sides.iter().map(|s| s.server.rss_kib()).collect();
     let all = [
-        &get_user, &paced, &by_type, &count, &ping_pong, &by_ids, &add_user,
+        &get_user,
+        &lone,
+        &paced,
+        &short_by_type,
+        &short_count,
+        &short_by_ids,
+        &by_type,
+        &count,
+        &ping_pong,
+        &by_ids,
+        &add_user,
     ];
     let peaks: Vec<Option<u64>> = (0..sides.len())
         .map(|i| all.iter().filter_map(|w| w[i].peak_rss_kib).max())
@@ -573,7 +703,11 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         .map(|(a, b)| (*a).max(*b))
         .collect();
     report.memory("resident, idle after start", &idle_start, Some(32.0));
-    report.memory("resident, idle after the workloads", &idle_after, None);
+    report.memory(
+        "resident, idle after the workloads",
+        &idle_after,
+        Some(48.0),
+    );
     report.memory("peak resident, all workloads", &peaks, None);
     let peak_of = |w: &[Measured]| w.iter().map(|m| m.peak_rss_kib).collect::<Vec<_>>();
     report.memory(
@@ -597,9 +731,19 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         Duration::from_millis(300),
     );
 
+    if cli.smoke {
+        // Valgrind's start-up alone takes seconds: `--smoke --instructions`.
+        report
+            .text("\nInstructions per call: not counted in smoke mode (`--smoke --instructions`).");
+    } else if !cli.skip_instructions {
+        count_instructions(&mut report, &plan, &instruction_targets, &callgrind_dir).await;
+    }
+
+    let load = judged_load(&cli, load_before, sampler.stop());
+    report.load = Some(load);
     let results = format!(
         "{}\n{}",
-        context(&plan, &cli, &binary, tmp.path(), &load_before),
+        context(&plan, &cli, &binary, tmp.path(), &load),
         report.render()
     );
     println!("{results}");
@@ -613,6 +757,88 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         eprintln!("bench: results written to {}", out.display());
     }
     Ok(report.failures)
+}
+
+/// How busy the machine was over the run (or `--pretend-load`'s figure).
+fn judged_load(cli: &Cli, before: Option<Sample>, samples: Vec<Sample>) -> Load {
+    let cores = machine::cores();
+    match cli.pretend_load {
+        Some(others) => Load::fixed(cores, others),
+        None => Load::of(cores, before, &samples),
+    }
+}
+
+/// The callgrind phase: instructions per call on every server, one after
+/// the other with nothing else of the benchmark running. A phase that
+/// cannot run or fails says so in the report; the run goes on.
+async fn count_instructions(
+    report: &mut Report,
+    plan: &Plan,
+    servers: &[(String, PathBuf, Database, PathBuf)],
+    dir: &Path,
+) {
+    report.text("");
+    if let Some(why) = callgrind::unavailable() {
+        report.text(&format!("Instructions per call: {why}."));
+        return;
+    }
+    eprintln!("bench: instructions per call (callgrind)");
+    let started = Instant::now();
+    let sizes = plan.instructions;
+    let mut counts = Vec::new();
+    let mut first = Ok(());
+    let reference = callgrind::count(
+        callgrind::Target::Reference,
+        plan.users,
+        sizes,
+        dir,
+        "reference",
+    );
+    match reference.await {
+        Ok(c) => counts.push(c),
+        Err(e) => first = Err(e.context("the reference")),
+    }
+    for (i, (name, binary, db, logs)) in servers.iter().enumerate() {
+        if first.is_err() {
+            break;
+        }
+        let log = logs.join("callgrind.log");
+        let target = callgrind::Target::UserManager {
+            binary,
+            db,
+            log: &log,
+        };
+        match callgrind::count(target, plan.users, sizes, dir, &format!("server-{i}")).await {
+            Ok(c) => counts.push(c),
+            Err(e) => first = Err(e.context(name.clone())),
+        }
+    }
+    if let Err(e) = first {
+        report.text(&format!("Instructions per call: **failed**: {e:#}."));
+        return;
+    }
+    report.table("Instructions per call (callgrind, user space)", false);
+    report.figures(
+        &format!("GetUser, {} calls from 8 callers", sizes.get_user),
+        &counts.iter().map(|c| c.get_user).collect::<Vec<_>>(),
+        report::kilo,
+    );
+    report.figures(
+        &format!(
+            "GetUsersByIds, {} ids per call, {} calls from 8 callers",
+            callgrind::IDS_PER_CALL,
+            sizes.by_ids
+        ),
+        &counts.iter().map(|c| c.by_ids).collect::<Vec<_>>(),
+        report::kilo,
+    );
+    report.text(&format!(
+        "\nCounted under `valgrind --tool=callgrind` after {} warm-up calls, \
+         every thread of the server; the kernel's side (system calls, context \
+         switches) is not in them. Phase took {:.0} s.",
+        sizes.warmup,
+        started.elapsed().as_secs_f64()
+    ));
 }
 
 /// Which block of BENCHMARKS.md a run writes: SQLite's is the unlabelled
@@ -664,7 +890,7 @@ fn build_server() -> anyhow::Result<PathBuf> {
 }
 
 /// What the numbers depend on: mode, machine, load, code version.
-fn context(plan: &Plan, cli: &Cli, binary: &Path, db_dir: &Path, load_before: &str) -> String {
+fn context(plan: &Plan, cli: &Cli, binary: &Path, db_dir: &Path, load: &Load) -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -730,21 +956,16 @@ fn context(plan: &Plan, cli: &Cli, binary: &Path, db_dir: &Path, load_before: &s
     format!(
         "Latest run: `bench --{mode}{flags}` on {date}, commit {commit}{dirty}.\n\
          Machine: **{cores} cores** ({cpu}); load generator, reference and user-manager \
-         share them over loopback. Load average before the run: {load_before}; after: {load_after}.\n\
+         share them over loopback.\n\
+         {load}\n\
          Database: {database}; server binary {binary}.\n\
          GetUser and AddUser: {CALLERS} callers over {CONNECTIONS} HTTP/2 connections; \
          {passes} pass(es) per workload, each server's best kept; windows of {measure:.1} s after {warmup:.1} s warm-up.\n",
         mode = plan.mode,
-        load_after = loadavg(),
+        load = load.describe(),
         binary = binary.display(),
         passes = plan.passes,
         measure = plan.window.measure.as_secs_f64(),
         warmup = plan.window.warmup.as_secs_f64(),
     )
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }

@@ -2,6 +2,7 @@
 //! over loopback, with their memory and CPU time read from /proc.
 
 use std::{
+    ffi::OsString,
     fs,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
@@ -38,8 +39,18 @@ impl ServerProcess {
     /// setting can be benchmarked without editing anything; the address, the
     /// database and the seed are the benchmark's.
     pub fn user_manager(binary: &Path, db: &Database, log: &Path) -> anyhow::Result<Self> {
+        Self::user_manager_via(&[], binary, db, log)
+    }
+
+    /// [`Self::user_manager`] run by `prefix` (e.g. `valgrind --tool=callgrind`).
+    pub fn user_manager_via(
+        prefix: &[OsString],
+        binary: &Path,
+        db: &Database,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let addr = free_addr()?;
-        let mut cmd = user_manager_command(binary, db);
+        let mut cmd = user_manager_command_via(prefix, binary, db);
         cmd.arg("serve")
             .env("USER_MANAGER__SERVER__LISTEN", addr.to_string())
             .stdin(Stdio::null());
@@ -62,8 +73,13 @@ impl ServerProcess {
 
     /// This very program, as the reference server.
     pub fn reference(users: u32) -> anyhow::Result<Self> {
+        Self::reference_via(&[], users)
+    }
+
+    /// [`Self::reference`] run by `prefix` (e.g. `valgrind --tool=callgrind`).
+    pub fn reference_via(prefix: &[OsString], users: u32) -> anyhow::Result<Self> {
         let addr = free_addr()?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = command_via(prefix, &std::env::current_exe()?)
             .args(["--reference-server", &addr.to_string(), "--users"])
             .arg(users.to_string())
             .stdin(Stdio::null())
@@ -176,6 +192,27 @@ impl ServerProcess {
         cpu_time(self.pid())
     }
 
+    /// Voluntary plus involuntary context switches, summed over the
+    /// process's threads that are alive now.
+    pub fn context_switches(&self) -> Option<u64> {
+        let tasks = fs::read_dir(format!("/proc/{}/task", self.pid())).ok()?;
+        let mut sum = 0;
+        for task in tasks.flatten() {
+            let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+                continue; // the thread exited meanwhile
+            };
+            sum += status
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        Some(sum)
+    }
+
     /// SIGTERM, then waits for a graceful exit (SIGKILL after 30 s).
     pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
         let sent = Command::new("kill")
@@ -238,7 +275,23 @@ pub fn redact(url: &str) -> String {
 /// seed, and only the caller's own `USER_MANAGER__*` settings besides (and
 /// libpq's `PG*` variables, e.g. PGPASSWORD, which sqlx reads too).
 pub fn user_manager_command(binary: &Path, db: &Database) -> Command {
-    let mut cmd = Command::new(binary);
+    user_manager_command_via(&[], binary, db)
+}
+
+/// `program`, or `prefix` running it (its first word the program).
+fn command_via(prefix: &[OsString], program: &Path) -> Command {
+    match prefix.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
+        }
+    }
+}
+
+fn user_manager_command_via(prefix: &[OsString], binary: &Path, db: &Database) -> Command {
+    let mut cmd = command_via(prefix, binary);
     cmd.env_clear()
         .envs(
             std::env::vars().filter(|(k, _)| {
@@ -296,6 +349,11 @@ impl Fleet {
 
     pub fn reset_peak(&self) {
         self.processes.iter().for_each(ServerProcess::reset_peak);
+    }
+
+    /// Context switches of every thread, summed.
+    pub fn context_switches(&self) -> Option<u64> {
+        self.sum(ServerProcess::context_switches)
     }
 
     /// CPU time, summed.

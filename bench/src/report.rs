@@ -5,7 +5,7 @@ use std::{fmt::Write, path::Path, time::Duration};
 
 use anyhow::Context;
 
-use crate::load::Outcome;
+use crate::{load::Outcome, machine::Load};
 
 pub const BEGIN: &str = "<!-- bench:begin (written by `bench`; edits inside are overwritten) -->";
 pub const END: &str = "<!-- bench:end -->";
@@ -17,31 +17,113 @@ pub struct Measured {
     pub server_cpu: Duration,
     /// The server's peak resident memory during the workload, in KiB.
     pub peak_rss_kib: Option<u64>,
+    /// Context switches of the server's threads during the workload.
+    pub context_switches: Option<u64>,
 }
 
 impl Measured {
     fn cpu_per_op(&self) -> Option<Duration> {
         (self.outcome.ops > 0).then(|| self.server_cpu / self.outcome.ops as u32)
     }
+
+    /// Context switches per operation, counted over the whole workload
+    /// (warm-up included), so divided by every operation answered in it.
+    pub fn switches_per_op(&self) -> Option<f64> {
+        let ops = self.outcome.ops_total.max(self.outcome.ops);
+        let switches = self.context_switches?;
+        (ops > 0).then(|| switches as f64 / ops as f64)
+    }
 }
 
-/// A throughput target: user-manager's rate at least this fraction of the reference's.
-pub struct MinRatio(pub f64);
+/// A workload's targets: user-manager's rate at least `min_ratio` of the
+/// reference's; optionally its server CPU per operation at most
+/// `max_cpu_ratio` times the reference's, and at most `max_switches` context
+/// switches per operation.
+#[derive(Clone, Copy)]
+pub struct Targets {
+    pub min_ratio: Option<f64>,
+    pub max_cpu_ratio: Option<f64>,
+    pub max_switches: Option<f64>,
+}
+
+/// No target: figures only.
+pub const NO_TARGET: Targets = Targets {
+    min_ratio: None,
+    max_cpu_ratio: None,
+    max_switches: None,
+};
+
+/// A throughput target alone.
+pub fn min_ratio(min_ratio: f64) -> Targets {
+    Targets {
+        min_ratio: Some(min_ratio),
+        max_cpu_ratio: None,
+        max_switches: None,
+    }
+}
 
 pub struct Verdict {
     pub what: String,
     pub met: bool,
     pub detail: String,
+    /// Throughput and latency: moved by other work on the machine, so not
+    /// judged when there was too much of it. Memory, start-up time, context
+    /// switches and instruction counts hardly move and are always judged.
+    pub noisy: bool,
+    /// The target's table cell, before the mark.
+    cell: String,
 }
+
+/// What a target's verdict is, given how busy the machine was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Judgement {
+    Met,
+    Missed,
+    /// Too much other work ran for the figure to mean anything: the load figure.
+    NotJudged(f64),
+}
+
+/// Judges a target: `noisy` ones only when the machine was quiet enough.
+pub fn judge(met: bool, noisy: bool, load: Option<&Load>) -> Judgement {
+    match load {
+        Some(load) if noisy && !load.quiet() => Judgement::NotJudged(load.figure()),
+        _ if met => Judgement::Met,
+        _ => Judgement::Missed,
+    }
+}
+
+impl Judgement {
+    fn mark(self) -> String {
+        match self {
+            Judgement::Met => "✅".into(),
+            Judgement::Missed => "❌".into(),
+            Judgement::NotJudged(load) => format!("not judged (load {load:.1})"),
+        }
+    }
+
+    fn word(self) -> String {
+        match self {
+            Judgement::Met => "met".into(),
+            Judgement::Missed => "**missed**".into(),
+            Judgement::NotJudged(load) => format!("not judged (load {load:.1})"),
+        }
+    }
+}
+
+/// Marks a target cell in the table text, filled in at render time, once
+/// the load over the whole run is known.
+const SLOT: char = '\u{1}';
 
 /// The report over every server measured: the reference first, then
 /// user-manager (whose figures the targets judge), then any candidates.
 pub struct Report {
-    sides: Vec<String>,
+    pub sides: Vec<String>,
     lines: String,
     pub verdicts: Vec<Verdict>,
     pub failures: u64,
     failure_notes: Vec<String>,
+    /// How busy the machine was; None: judge everything.
+    pub load: Option<Load>,
 }
 
 impl Report {
@@ -52,7 +134,27 @@ impl Report {
             verdicts: Vec::new(),
             failures: 0,
             failure_notes: Vec::new(),
+            load: None,
         }
+    }
+
+    /// Records a target and returns the slot of its table cell.
+    fn verdict(
+        &mut self,
+        what: String,
+        met: bool,
+        detail: String,
+        noisy: bool,
+        cell: String,
+    ) -> String {
+        self.verdicts.push(Verdict {
+            what,
+            met,
+            detail,
+            noisy,
+            cell,
+        });
+        format!("{SLOT}{}{SLOT}", self.verdicts.len() - 1)
     }
 
     pub fn text(&mut self, text: &str) {
@@ -78,20 +180,22 @@ impl Report {
         let _ = writeln!(self.lines, "{header}\n{rule}");
     }
 
-    /// Throughput, latency and CPU-per-operation rows for one workload.
-    pub fn workload(&mut self, name: &str, unit: &str, all: &[Measured], target: MinRatio) {
+    /// Throughput, latency, CPU and context-switch rows for one workload.
+    pub fn workload(&mut self, name: &str, unit: &str, all: &[Measured], target: Targets) {
         self.count_failures(name, all);
         let rate_of = |m: &Measured| Some(m.outcome.rate());
         let ratio = all[1].outcome.rate() / all[0].outcome.rate();
-        let MinRatio(min) = target;
-        let met = ratio >= min;
-        self.verdicts.push(Verdict {
-            what: format!("{name}: at least {min}× the reference's throughput"),
-            met,
-            detail: ratio_detail(ratio, min),
-        });
-        let target = format!("≥ {min}× {}", mark(met));
-        self.row(name, &format!("{unit}/s"), all, rate_of, rate, &target);
+        let cell = match target.min_ratio {
+            None => String::new(),
+            Some(min) => self.verdict(
+                format!("{name}: at least {min}× the reference's throughput"),
+                ratio >= min,
+                ratio_detail(ratio, min),
+                true,
+                format!("≥ {min}×"),
+            ),
+        };
+        self.row(name, &format!("{unit}/s"), all, rate_of, rate, &cell);
         if !all[1].outcome.latencies.is_empty() {
             for p in [50.0, 99.0] {
                 let latency = |m: &Measured| m.outcome.percentile(p).map(|d| d.as_secs_f64());
@@ -99,7 +203,53 @@ impl Report {
             }
         }
         let cpu = |m: &Measured| m.cpu_per_op().map(|d| d.as_secs_f64());
-        self.row(name, &format!("server CPU per {unit}"), all, cpu, us, "");
+        // Judged like throughput: contention on a busy machine costs cache
+        // misses, which inflate it.
+        let cell = match target.max_cpu_ratio {
+            None => String::new(),
+            Some(max) => {
+                let ratio = match (cpu(&all[1]), cpu(&all[0])) {
+                    (Some(ours), Some(theirs)) if theirs > 0.0 => ours / theirs,
+                    _ => f64::INFINITY,
+                };
+                self.verdict(
+                    format!("{name}: server CPU per {unit} at most {max}× the reference's"),
+                    ratio <= max,
+                    format!("{ratio:.2}×"),
+                    true,
+                    format!("≤ {max}×"),
+                )
+            }
+        };
+        self.row(name, &format!("server CPU per {unit}"), all, cpu, us, &cell);
+        let switches = |m: &Measured| m.switches_per_op();
+        // Always judged: a count, which other work hardly moves.
+        let cell = match target.max_switches {
+            None => String::new(),
+            Some(max) => {
+                let value = switches(&all[1]).unwrap_or(f64::INFINITY);
+                self.verdict(
+                    format!("{name}: at most {max} server context switches per {unit}"),
+                    value <= max,
+                    format!("{value:.2}"),
+                    false,
+                    format!("≤ {max}"),
+                )
+            }
+        };
+        self.row(
+            name,
+            &format!("server context switches per {unit}"),
+            all,
+            switches,
+            count,
+            &cell,
+        );
+    }
+
+    /// Rows of figures with no target (instruction counts, their notes).
+    pub fn figures(&mut self, name: &str, values: &[Option<f64>], format: fn(f64) -> String) {
+        self.cells(name, None, values, format, "");
     }
 
     /// The latency target at a fixed rate: user-manager's p99 below `bound`.
@@ -115,6 +265,7 @@ impl Report {
             ours * 1e3,
             bound.as_secs_f64() * 1e3,
             "ms",
+            true,
         );
         self.row(name, "p99 latency", all, p99, ms, &target);
     }
@@ -123,7 +274,7 @@ impl Report {
     /// only, as it holds every user in memory.
     pub fn memory(&mut self, what: &str, kib: &[Option<u64>], max_mib: Option<f64>) {
         let target = match (kib[1], max_mib) {
-            (Some(k), Some(max)) => self.absolute(what, k as f64 / 1024.0, max, "MiB"),
+            (Some(k), Some(max)) => self.absolute(what, k as f64 / 1024.0, max, "MiB", false),
             (None, Some(_)) => "not measured".into(),
             (_, None) => String::new(),
         };
@@ -146,6 +297,7 @@ impl Report {
             worst * 1e3,
             bound.as_secs_f64() * 1e3,
             "ms",
+            false,
         );
         let n = samples.first().map_or(0, Vec::len);
         self.cells(&format!("{what}, median of {n}"), None, &medians, ms, "");
@@ -212,7 +364,7 @@ impl Report {
     }
 
     /// Records an upper-bound target and returns its table cell.
-    fn absolute(&mut self, what: &str, value: f64, bound: f64, unit: &str) -> String {
+    fn absolute(&mut self, what: &str, value: f64, bound: f64, unit: &str, noisy: bool) -> String {
         let met = value < bound;
         let detail = if met {
             format!("{value:.2} {unit}")
@@ -222,21 +374,36 @@ impl Report {
                 (value / bound - 1.0) * 100.0
             )
         };
-        self.verdicts.push(Verdict {
-            what: format!("{what} under {bound} {unit}"),
+        self.verdict(
+            format!("{what} under {bound} {unit}"),
             met,
             detail,
-        });
-        format!("< {bound} {unit} {}", mark(met))
+            noisy,
+            format!("< {bound} {unit}"),
+        )
+    }
+
+    fn judgement(&self, v: &Verdict) -> Judgement {
+        judge(v.met, v.noisy, self.load.as_ref())
     }
 
     /// The report: tables, then every target's verdict, then failures.
     pub fn render(&self) -> String {
-        let mut out = self.lines.clone();
+        let mut out = String::new();
+        for (i, piece) in self.lines.split(SLOT).enumerate() {
+            match piece.parse::<usize>().ok().filter(|_| i % 2 == 1) {
+                Some(v) => {
+                    let verdict = &self.verdicts[v];
+                    let mark = self.judgement(verdict).mark();
+                    let _ = write!(out, "{} {mark}", verdict.cell);
+                }
+                None => out.push_str(piece),
+            }
+        }
         out.push_str("\nTargets (user-manager):\n\n");
         for v in &self.verdicts {
-            let mark = if v.met { "met" } else { "**missed**" };
-            let _ = writeln!(out, "- {mark}: {} ({})", v.what, v.detail);
+            let word = self.judgement(v).word();
+            let _ = writeln!(out, "- {word}: {} ({})", v.what, v.detail);
         }
         if self.failures == 0 {
             out.push_str("\nEvery response was checked: no failures.\n");
@@ -248,10 +415,6 @@ impl Report {
         }
         out
     }
-}
-
-fn mark(met: bool) -> &'static str {
-    if met { "✅" } else { "❌" }
 }
 
 fn ratio_detail(ratio: f64, min: f64) -> String {
@@ -274,6 +437,15 @@ fn rate(per_sec: f64) -> String {
 
 fn ms(secs: f64) -> String {
     format!("{:.3} ms", secs * 1e3)
+}
+
+fn count(n: f64) -> String {
+    format!("{n:.2}")
+}
+
+/// Thousands of instructions.
+pub fn kilo(n: f64) -> String {
+    format!("{:.1}k", n / 1e3)
 }
 
 fn us(secs: f64) -> String {
@@ -318,6 +490,47 @@ pub fn write_into(path: &Path, label: Option<&str>, results: &str) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_machine_leaves_throughput_and_latency_unjudged() {
+        let busy = Load::fixed(2, 3.0);
+        let quiet = Load::fixed(2, 1.0);
+        assert_eq!(judge(true, true, Some(&busy)), Judgement::NotJudged(3.0));
+        assert_eq!(judge(false, true, Some(&busy)), Judgement::NotJudged(3.0));
+        assert_eq!(judge(true, false, Some(&busy)), Judgement::Met);
+        assert_eq!(judge(false, false, Some(&busy)), Judgement::Missed);
+        assert_eq!(judge(true, true, Some(&quiet)), Judgement::Met);
+        assert_eq!(judge(false, true, Some(&quiet)), Judgement::Missed);
+        assert_eq!(judge(false, true, None), Judgement::Missed);
+    }
+
+    #[test]
+    fn target_cells_are_judged_when_rendered() {
+        let mut report = Report::new(vec!["reference".into(), "user-manager".into()]);
+        report.memory("resident", &[Some(1024), Some(2048)], Some(32.0));
+        report.startup(
+            "start",
+            &mut [vec![Duration::from_millis(500)]],
+            Duration::from_millis(300),
+        );
+        let slot = report.absolute("p99", 2.0, 1.0, "ms", true);
+        report.text(&format!("| p99 | {slot} |"));
+        report.load = Some(Load::fixed(2, 4.0));
+        let busy = report.render();
+        assert!(busy.contains("| < 1 ms not judged (load 4.0) |"), "{busy}");
+        assert!(
+            busy.contains("- not judged (load 4.0): p99 under 1 ms"),
+            "{busy}"
+        );
+        assert!(
+            busy.contains("< 32 MiB ✅") && busy.contains("< 300 ms ❌"),
+            "{busy}"
+        );
+        report.load = Some(Load::fixed(2, 0.5));
+        let quiet = report.render();
+        assert!(quiet.contains("| < 1 ms ❌ |"), "{quiet}");
+        assert!(!quiet.contains('\u{1}'), "{quiet}");
+    }
 
     #[test]
     fn results_replace_only_the_marked_block() {
