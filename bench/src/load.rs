@@ -20,7 +20,7 @@ use user_manager::proto::{
 
 use crate::dataset::{self, RARE_TYPE, Rng, STREAMED_TYPE};
 
-type Client = UserManagerClient<Channel>;
+pub type Client = UserManagerClient<Channel>;
 
 /// What one workload did against one server.
 #[derive(Debug, Default)]
@@ -233,7 +233,7 @@ pub fn get_user_call(users: u32) -> impl Fn(Client, &mut Rng) -> Call + Clone + 
     }
 }
 
-type Call = Pin<Box<dyn Future<Output = (Client, Result<(), String>)> + Send>>;
+pub type Call = Pin<Box<dyn Future<Output = (Client, Result<(), String>)> + Send>>;
 
 /// One short GetUsersByType call, for the type only a handful of users have:
 /// exactly those users, in id order.

@@ -221,6 +221,29 @@ struct Side {
 
 type Work<'a> = Pin<Box<dyn Future<Output = Outcome> + 'a>>;
 
+/// One short-call workload: `CALLERS` callers each making `call` again
+/// and again, both servers compared, at least 0.5× the reference's rate.
+async fn short_workload(
+    sides: &mut [Side],
+    passes: usize,
+    window: Window,
+    report: &mut Report,
+    name: &str,
+    call: impl Fn(load::Client, &mut dataset::Rng) -> load::Call + Clone + Send + 'static,
+) -> anyhow::Result<Vec<Measured>> {
+    let measured = compare(sides, passes, |s| {
+        Box::pin(load::short_calls(
+            &s.channels,
+            CALLERS,
+            window,
+            call.clone(),
+        ))
+    })
+    .await?;
+    report.workload(name, "call", &measured, min_ratio(0.5));
+    Ok(measured)
+}
+
 /// Runs `work` against every server `passes` times, rotating which goes
 /// first, and keeps each server's best pass: noise from other processes only
 /// ever slows a pass down.
@@ -537,51 +560,33 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
 
     eprintln!("bench: short calls");
     let rare = dataset::rare_ids(users).count();
-    let short_by_type = compare(&mut sides, plan.passes, |s| {
-        Box::pin(load::short_calls(
-            &s.channels,
-            CALLERS,
-            window,
-            load::by_rare_type_call(users),
-        ))
-    })
-    .await?;
-    report.workload(
+    let short_by_type = short_workload(
+        &mut sides,
+        plan.passes,
+        window,
+        &mut report,
         &format!("GetUsersByType, {rare} users per call, {CALLERS} callers"),
-        "call",
-        &short_by_type,
-        min_ratio(0.5),
-    );
-    let short_count = compare(&mut sides, plan.passes, |s| {
-        Box::pin(load::short_calls(
-            &s.channels,
-            CALLERS,
-            window,
-            load::count_call(users, SHORT_IDS),
-        ))
-    })
+        load::by_rare_type_call(users),
+    )
     .await?;
-    report.workload(
+    let short_count = short_workload(
+        &mut sides,
+        plan.passes,
+        window,
+        &mut report,
         &format!("CountAlreadyUsers, {SHORT_IDS} ids per call, {CALLERS} callers"),
-        "call",
-        &short_count,
-        min_ratio(0.5),
-    );
-    let short_by_ids = compare(&mut sides, plan.passes, |s| {
-        Box::pin(load::short_calls(
-            &s.channels,
-            CALLERS,
-            window,
-            load::by_ids_call(users, SHORT_IDS),
-        ))
-    })
+        load::count_call(users, SHORT_IDS),
+    )
     .await?;
-    report.workload(
+    let short_by_ids = short_workload(
+        &mut sides,
+        plan.passes,
+        window,
+        &mut report,
         &format!("GetUsersByIds, {SHORT_IDS} ids per call, {CALLERS} callers"),
-        "call",
-        &short_by_ids,
-        min_ratio(0.5),
-    );
+        load::by_ids_call(users, SHORT_IDS),
+    )
+    .await?;
 
     eprintln!("bench: GetUsersByType");
     let by_type = compare(&mut sides, plan.passes, |s| {

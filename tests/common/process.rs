@@ -18,7 +18,7 @@ use std::{
 
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-use user_manager::proto::user_manager_client::UserManagerClient;
+use user_manager::proto::{UserRequest, user_manager_client::UserManagerClient};
 
 use super::{BINARY, SEED, db_path, health_status};
 
@@ -291,6 +291,19 @@ impl ServerProcess {
 
     pub async fn client(&self) -> UserManagerClient<Channel> {
         UserManagerClient::new(self.channel().await)
+    }
+
+    /// Asserts the seeded users are there (user 1 is `admin`): the seed
+    /// reached the database this server reads.
+    pub async fn assert_serves_seeded_users(&self) {
+        let response = self
+            .client()
+            .await
+            .get_user(UserRequest { id: 1 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.user.map(|u| u.nickname).as_deref(), Some("admin"));
     }
 
     /// Whether the process has not exited.

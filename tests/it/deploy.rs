@@ -33,10 +33,7 @@ use serde::Deserialize;
 use serde_norway::Value;
 use tempfile::TempDir;
 use tonic_health::pb::health_check_response::ServingStatus;
-use user_manager::{
-    config::{LogFormat, Settings, Sources},
-    proto::UserRequest,
-};
+use user_manager::config::{LogFormat, Settings, Sources};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const KUSTOMIZATIONS: [&str; 3] = [
@@ -525,18 +522,6 @@ async fn probe_until_serving(server: &mut ServerProcess, service: &str, budget: 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The seeded users are there: the image's seed file reached the database.
-async fn assert_serves_seeded_users(server: &ServerProcess) {
-    let response = server
-        .client()
-        .await
-        .get_user(UserRequest { id: 1 })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(response.user.map(|u| u.nickname).as_deref(), Some("admin"));
 }
 
 // ---------------------------------------------------------------- Kubernetes
@@ -1106,7 +1091,7 @@ async fn start(
     for (service, budget) in probes {
         probe_until_serving(&mut server, service, *budget).await;
     }
-    assert_serves_seeded_users(&server).await;
+    server.assert_serves_seeded_users().await;
     for healthcheck in healthchecks {
         launch.run(rootfs, healthcheck);
     }

@@ -53,14 +53,7 @@ async fn replicas_starting_together_migrate_once_and_import_the_seed_once() {
         .count();
     assert_eq!(imported, 1, "exactly one replica imports the seed");
     for server in &servers {
-        let found = server
-            .client()
-            .await
-            .get_user(UserRequest { id: 1 })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(found.user.unwrap().nickname, "admin");
+        server.assert_serves_seeded_users().await;
     }
 }
 
@@ -200,14 +193,7 @@ async fn health_and_calls_follow_the_database_and_heal_without_a_restart() {
             health_status(&server.url(), "").await == Some(ServingStatus::Serving)
         })
         .await;
-        let found = server
-            .client()
-            .await
-            .get_user(UserRequest { id: 1 })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(found.user.unwrap().nickname, "admin");
+        server.assert_serves_seeded_users().await;
     }
 }
 
