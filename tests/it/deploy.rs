@@ -1,9 +1,10 @@
 //! The deployment files in deploy/, checked by the tools that read them and
 //! then run: the binary is started the way the Kubernetes manifests and the
 //! compose file start the container, with their arguments, environment and
-//! config file, so manifests and binary can't drift apart. The PostgreSQL
-//! variants (the postgres overlay and component, compose.postgres.yaml) are
-//! checked statically for now: their run needs a PostgreSQL server.
+//! config file, so manifests and binary can't drift apart. The postgres
+//! overlay runs too, as two pods on a fresh database of the test PostgreSQL
+//! (tests/common/postgres.rs); the postgres component on top of production
+//! and compose.postgres.yaml are checked statically.
 //!
 //! There is no container engine here, so the image is not built. Its runtime
 //! stage (COPY, ENV, USER, ENTRYPOINT, CMD, HEALTHCHECK) is read from
@@ -24,7 +25,7 @@ use std::{
 
 use crate::{
     common::{
-        BINARY, ServerProcess, health_status,
+        BINARY, ServerProcess, health_status, postgres,
         tools::{REPO, run_tool, success},
     },
     k8s::{Container, LabelSelector, Manifests, VolumeMount, kustomize},
@@ -463,10 +464,18 @@ impl Launch {
         command
     }
 
-    /// Runs to completion, as an init container or a health check does.
-    fn run(&self, rootfs: &Rootfs, args: &[String]) {
-        let status = self.command(rootfs, args).status().unwrap();
-        assert!(status.success(), "{args:?} exited with {status}");
+    /// Runs to completion, as an init container or a health check does;
+    /// its log (stdout, then stderr).
+    fn run(&self, rootfs: &Rootfs, args: &[String]) -> String {
+        let output = self.command(rootfs, args).output().unwrap();
+        let log = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?} exited with {}: {log}",
+            output.status
+        );
+        log
     }
 
     /// Starts the server on a loopback port of its choosing: the container
@@ -526,7 +535,7 @@ async fn probe_until_serving(server: &mut ServerProcess, service: &str, budget: 
 
 // ---------------------------------------------------------------- Kubernetes
 
-/// A pod of the StatefulSet laid out on this machine: its volumes mounted in
+/// A pod of the workload laid out on this machine: its volumes mounted in
 /// one container filesystem, and each container's launch.
 struct Pod {
     manifests: Manifests,
@@ -537,7 +546,9 @@ struct Pod {
 }
 
 impl Pod {
-    fn new(dir: &str) -> Self {
+    /// `secrets` holds the values of the Secrets the pod reads, by Secret
+    /// name and key (none but in a test that supplies them).
+    fn new(dir: &str, secrets: &Secrets<'_>) -> Self {
         let manifests = Manifests::render(dir);
         let image = Image::read();
         let mut rootfs = Rootfs::of(&image);
@@ -606,6 +617,18 @@ impl Pod {
             for var in &container.env {
                 let value = match (&var.value, &var.value_from) {
                     (Some(value), None) => expand_references(value, &defined),
+                    (None, Some(source)) if source["secretKeyRef"].is_mapping() => {
+                        let reference = &source["secretKeyRef"];
+                        let name = reference["name"].as_str().unwrap_or_default();
+                        let key = reference["key"].as_str().unwrap_or_default();
+                        secrets.get(&(name, key)).cloned().unwrap_or_else(|| {
+                            panic!(
+                                "{}: no key {key:?} in a Secret {name:?} (this test supplies {:?})",
+                                var.name,
+                                secrets.keys().collect::<Vec<_>>()
+                            )
+                        })
+                    }
                     (None, Some(source)) => match source["fieldRef"]["fieldPath"].as_str() {
                         Some("metadata.name") => pod_name.clone(),
                         Some("metadata.namespace") => POD_NAMESPACE.to_owned(),
@@ -630,6 +653,9 @@ impl Pod {
     }
 }
 
+/// Secret values by (Secret name, key), as `secretKeyRef` reads them.
+type Secrets<'a> = BTreeMap<(&'a str, &'a str), String>;
+
 /// Kubernetes' `$(VAR)` references to variables defined earlier in the list.
 fn expand_references(value: &str, defined: &[(String, String)]) -> String {
     defined.iter().fold(value.to_owned(), |value, (name, v)| {
@@ -640,7 +666,7 @@ fn expand_references(value: &str, defined: &[(String, String)]) -> String {
 #[test]
 fn the_manifests_agree_with_the_image_and_the_service_configuration() {
     for dir in KUSTOMIZATIONS {
-        let pod = Pod::new(dir);
+        let pod = Pod::new(dir, &Secrets::new());
         let m = &pod.manifests;
         let spec = m.pod();
         let settings = pod.server.settings(&pod.rootfs);
@@ -799,8 +825,8 @@ const POSTGRES_COMPONENT: &str = "deploy/k8s/components/postgres";
 const POSTGRES_MAX_CONNECTIONS: u32 = 100;
 
 /// The postgres overlay's pods are the base's pod, run as stateless replicas
-/// of a Deployment with the database URL from a Secret. Checked statically:
-/// its binary run needs a PostgreSQL server (tests/common/postgres.rs).
+/// of a Deployment with the database URL from a Secret. Run against the
+/// binary by `the_postgres_pods_migrate_together_then_serve_one_database`.
 #[test]
 fn the_postgres_overlay_runs_the_base_pod_as_stateless_replicas() {
     let base = Manifests::render("deploy/k8s/base");
@@ -1069,6 +1095,8 @@ fn postgres_secret_example() -> Value {
 
 /// A server started the way a deployment starts it.
 struct Started {
+    /// Still serving: stopped when this is dropped.
+    server: ServerProcess,
     settings: Settings,
     launch: Launch,
     /// OTEL_EXPORTER_OTLP_ENDPOINT as the deployment set it.
@@ -1096,6 +1124,7 @@ async fn start(
         launch.run(rootfs, healthcheck);
     }
     Started {
+        server,
         settings,
         launch,
         otlp_endpoint,
@@ -1104,7 +1133,7 @@ async fn start(
 
 /// Runs the init containers, then the server as the kubelet would probe it.
 async fn start_pod(dir: &str) -> Started {
-    let mut pod = Pod::new(dir);
+    let pod = Pod::new(dir, &Secrets::new());
     let settings = pod.server.settings(&pod.rootfs);
     let claim = &pod.manifests.workload.spec.volume_claim_templates[0]
         .metadata
@@ -1125,7 +1154,13 @@ async fn start_pod(dir: &str) -> Started {
         Path::new(database).is_file(),
         "the init container created the database"
     );
+    serve_pod(pod).await
+}
 
+/// Starts the pod's server (its init containers have run), probed as the
+/// kubelet would probe it.
+async fn serve_pod(mut pod: Pod) -> Started {
+    let server = pod.manifests.server();
     let probes: Vec<(&str, Duration)> = [
         &server.startup_probe,
         &server.readiness_probe,
@@ -1176,6 +1211,47 @@ async fn the_production_pod_logs_json_without_reflection_and_exports_traces() {
     assert_eq!(started.settings.log.format, LogFormat::Json);
     assert!(!started.settings.reflection.enabled);
     assert!(started.otlp_endpoint.is_some());
+}
+
+/// The postgres overlay as its Deployment runs it, with the Secret's URL
+/// naming a fresh database: two pods whose init containers migrate at the
+/// same time, then whose servers pass their probes and serve the seed that
+/// exactly one of them imported.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_postgres_pods_migrate_together_then_serve_one_database() {
+    let url = postgres::fresh_database().await;
+    let secrets = Secrets::from([(("user-manager-database", "url"), url.clone())]);
+    let pods = [
+        Pod::new(POSTGRES_OVERLAY, &secrets),
+        Pod::new(POSTGRES_OVERLAY, &secrets),
+    ];
+    let workload = &pods[0].manifests.workload;
+    assert_eq!(workload.kind, "Deployment");
+    assert!(workload.spec.replicas >= 2, "{POSTGRES_OVERLAY}: replicas");
+    let mut logs: Vec<String> = std::thread::scope(|scope| {
+        let running: Vec<_> = pods
+            .iter()
+            .flat_map(|pod| {
+                pod.init
+                    .iter()
+                    .map(move |init| scope.spawn(move || init.run(&pod.rootfs, &init.argv)))
+            })
+            .collect();
+        running.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(logs.len() >= pods.len(), "an init container per pod");
+    let [one, two] = pods;
+    // Probed, and serving the seeded users (`start`), both at once.
+    let (one, two) = tokio::join!(serve_pod(one), serve_pod(two));
+    for started in [&one, &two] {
+        assert_eq!(started.settings.database.url, url);
+        logs.push(started.server.log());
+    }
+    let imported = logs
+        .iter()
+        .filter(|log| log.contains("imported the seed"))
+        .count();
+    assert_eq!(imported, 1, "the seed imported once: {logs:#?}");
 }
 
 // ---------------------------------------------------------------- compose
