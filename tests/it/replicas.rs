@@ -297,3 +297,25 @@ async fn the_standard_pg_variables_fill_in_what_the_url_leaves_out() {
         "seeded the database PGDATABASE names"
     );
 }
+
+/// `statement_timeout` bounds the statements of calls, not the one-time
+/// seed import: a seed whose single INSERT takes longer than the timeout
+/// still imports (200,000 users take well over 200 ms to insert).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seed_larger_than_the_statement_timeout_still_imports() {
+    const GUESTS: u32 = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    let url = postgres::fresh_database().await;
+    let seed = big_seed(dir.path(), GUESTS);
+    let out = Binary::new(dir.path())
+        .env("USER_MANAGER__DATABASE__URL", &url)
+        .env(
+            "USER_MANAGER__DATABASE__POSTGRES__STATEMENT_TIMEOUT_MS",
+            "200",
+        )
+        .env("USER_MANAGER__SEED__PATH", seed.display())
+        .arg("migrate")
+        .output();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(count_users(&url).await, 6 + i64::from(GUESTS));
+}

@@ -18,6 +18,14 @@ use crate::{
 pub(super) async fn import_once(pool: &PgPool, users: &[User]) -> Result<SeedOutcome, StoreError> {
     let ctx = "importing the seed";
     let mut tx = pool.begin().await.map_err(|e| classify(e, ctx))?;
+    // statement_timeout bounds the statements of calls; the one-time import
+    // is not one. A large seed's single INSERT can take longer (1M users did
+    // in the benchmark), and a replica racing this one waits on the claim's
+    // row lock until the import commits: either would be cancelled.
+    sqlx::query("SET LOCAL statement_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| classify(e, ctx))?;
     let claimed = sqlx::query(
         "INSERT INTO seed_state (singleton, user_count) VALUES (1, 0) \
          ON CONFLICT (singleton) DO NOTHING",
