@@ -461,13 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         report.sides.insert(0, "reference".into());
         count_instructions(&mut report, &plan, &servers, &callgrind_dir).await;
         let load = judged_load(&cli, load_before, sampler.stop());
-        report.load = Some(load);
-        let results = format!(
-            "{}\n{}",
-            context(&plan, &cli, &binary, tmp.path(), &load),
-            report.render()
-        );
-        println!("{results}");
+        let results = conclude(&mut report, &cli, &plan, &binary, tmp.path(), load);
         if let Some(out) = &cli.out {
             report::write_into(out, block_label(&cli).as_deref(), &results)?;
             eprintln!("bench: results written to {}", out.display());
@@ -745,13 +739,7 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     }
 
     let load = judged_load(&cli, load_before, sampler.stop());
-    report.load = Some(load);
-    let results = format!(
-        "{}\n{}",
-        context(&plan, &cli, &binary, tmp.path(), &load),
-        report.render()
-    );
-    println!("{results}");
+    let results = conclude(&mut report, &cli, &plan, &binary, tmp.path(), load);
     let out = match (&cli.out, cli.smoke) {
         (Some(out), _) => Some(out.clone()),
         (None, false) => Some(workspace_root().join("BENCHMARKS.md")),
@@ -762,6 +750,26 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
         eprintln!("bench: results written to {}", out.display());
     }
     Ok(report.failures)
+}
+
+/// The report under its context line (mode, machine, load, database),
+/// printed; what is written into BENCHMARKS.md.
+fn conclude(
+    report: &mut Report,
+    cli: &Cli,
+    plan: &Plan,
+    binary: &Path,
+    db_dir: &Path,
+    load: Load,
+) -> String {
+    report.load = Some(load);
+    let results = format!(
+        "{}\n{}",
+        context(plan, cli, binary, db_dir, &load),
+        report.render()
+    );
+    println!("{results}");
+    results
 }
 
 /// How busy the machine was over the run (or `--pretend-load`'s figure).
