@@ -5,6 +5,7 @@
 //! (group commit).
 
 mod file;
+mod lookups;
 mod readers;
 mod writer;
 
@@ -19,6 +20,7 @@ use tracing::field::Empty;
 
 use self::{
     file::{AtPath, DbFile, FileId},
+    lookups::Lookups,
     readers::Readers,
     writer::{INSERT_QUEUE, InsertRequest, Writer, insert, run_writer},
 };
@@ -47,6 +49,7 @@ type Row = (i64, String, String, i64);
 #[derive(Clone)]
 pub struct SqliteStore {
     reads: Arc<Readers>,
+    lookups: Lookups,
     writer: Writer,
     inserts: mpsc::Sender<InsertRequest>,
     /// The database file, for readiness checks; `None` for in-memory databases.
@@ -93,11 +96,14 @@ impl SqliteStore {
 
         let file = file.map(DbFile::new).transpose()?.map(Arc::new);
 
+        let reads = Arc::new(reads);
+        let lookups = Lookups::start(reads.clone());
         let writer: Writer = Arc::new(Mutex::new(Some(writer)));
         let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
         tokio::spawn(run_writer(writer.clone(), queue, file.clone()));
         Ok(Self {
-            reads: Arc::new(reads),
+            reads,
+            lookups,
             writer,
             inserts,
             file,
@@ -191,38 +197,19 @@ impl UserStore for SqliteStore {
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        let mut conn = self.reader("reading a user").await?;
-        sqlx::query_as::<_, Row>(SELECT_BY_ID)
-            .bind(i64::from(id.get()))
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(|e| classify(e, "reading a user"))?
-            .map(to_user)
-            .transpose()
+        Ok(self.lookups.users(vec![id]).await?.into_iter().next())
     }
 
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
-        let mut conn = self.reader("reading users by id").await?;
-        let json: String = sqlx::query_scalar(SELECT_MANY)
-            .bind(json_array(ids))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| classify(e, "reading users by id"))?;
-        users_from_json(&json)
+        self.lookups.users(ids.to_vec()).await
     }
 
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn count_existing(&self, ids: &[UserId]) -> Result<u64, StoreError> {
-        let mut conn = self.reader("counting users").await?;
-        let n: i64 = sqlx::query_scalar(COUNT_MANY)
-            .bind(json_array(ids))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| classify(e, "counting users"))?;
-        Ok(n.try_into().unwrap_or(0))
+        self.lookups.count(ids.to_vec()).await
     }
 
     #[tracing::instrument(name = "INSERT users", level = "debug", skip_all, fields(db.system = "sqlite",

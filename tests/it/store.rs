@@ -172,6 +172,93 @@ async fn migrating_twice_changes_nothing(backend: &str) {
     store.close().await;
 }
 
+/// Many reads at once, of every kind, with ids found and missing and
+/// repeated: each caller gets its own answer (SQLite answers callers queued
+/// behind busy connections with one query and splits the rows back).
+async fn concurrent_reads_each_get_their_own_answer(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    // Odd ids exist, even ones don't.
+    let adds: Vec<_> = (1..=99)
+        .step_by(2)
+        .map(|id| {
+            let store = store.clone();
+            tokio::spawn(async move { store.add(user(id, &format!("u{id}"), 1)).await })
+        })
+        .collect();
+    for add in adds {
+        assert_eq!(add.await.unwrap().unwrap(), AddOutcome::Added);
+    }
+    let readers: Vec<_> = (0..300u32)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let asked: Vec<u32> = (0..n % 7 + 1).map(|k| (n * 7 + k * 3) % 100 + 1).collect();
+                let odd: Vec<u32> = asked.iter().copied().filter(|id| id % 2 == 1).collect();
+                match n % 3 {
+                    0 => {
+                        let got = store.get(UserId::new(asked[0]).unwrap()).await.unwrap();
+                        assert_eq!(
+                            got.map(|u| u.id.get()),
+                            odd.first().copied().filter(|&id| id == asked[0]),
+                            "get {asked:?}"
+                        );
+                    }
+                    1 => {
+                        let got = store.get_many(&ids(&asked)).await.unwrap();
+                        assert_eq!(id_list(&got), odd, "get_many {asked:?}");
+                        assert!(
+                            got.iter()
+                                .all(|u| u.nickname.as_str() == format!("u{}", u.id))
+                        );
+                    }
+                    _ => {
+                        let n = store.count_existing(&ids(&asked)).await.unwrap();
+                        assert_eq!(n, odd.len() as u64, "count_existing {asked:?}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    store.close().await;
+}
+
+/// Adds at once of new ids, ids taken before, and ids raced within the same
+/// moment: each id has exactly one winner, and every caller hears the truth.
+async fn concurrent_adds_are_each_told_the_truth(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    for id in 1..=10 {
+        store.add(user(id, "early", 2)).await.unwrap();
+    }
+    let adds: Vec<_> = (0..90u32)
+        .map(|n| {
+            let store = store.clone();
+            // Ids 1..=30, three callers each: 1..=10 exist already.
+            let id = n % 30 + 1;
+            tokio::spawn(async move { (id, n, store.add(user(id, &format!("n{n}"), 3)).await) })
+        })
+        .collect();
+    let mut winners = std::collections::HashMap::new();
+    for add in adds {
+        let (id, n, outcome) = add.await.unwrap();
+        if outcome.unwrap() == AddOutcome::Added {
+            assert!(id > 10, "id {id} existed before");
+            assert!(winners.insert(id, n).is_none(), "two winners for id {id}");
+        }
+    }
+    assert_eq!(winners.len(), 20, "each new id has a winner");
+    for id in 1..=30 {
+        let stored = store.get(UserId::new(id).unwrap()).await.unwrap().unwrap();
+        let expected = winners
+            .get(&id)
+            .map_or("early".to_owned(), |n| format!("n{n}"));
+        assert_eq!(stored.nickname.as_str(), expected, "id {id}");
+    }
+    store.close().await;
+}
+
 /// Each contract test once per backend: `store::sqlite::NAME`, `store::postgres::NAME`.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -209,4 +296,6 @@ contract!(
     the_seed_is_imported_once,
     racing_adds_of_one_id_have_one_winner,
     migrating_twice_changes_nothing,
+    concurrent_reads_each_get_their_own_answer,
+    concurrent_adds_are_each_told_the_truth,
 );

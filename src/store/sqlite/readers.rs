@@ -75,6 +75,25 @@ impl Readers {
         })
     }
 
+    /// An idle connection, if one is free now and no read is waiting for one
+    /// (a returned connection's permit goes to the first waiter).
+    pub(super) fn try_acquire(&self) -> Option<Reader<'_>> {
+        let permit = self.permits.try_acquire().ok()?;
+        let generation = self.generation.load(Ordering::Acquire);
+        let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        Some(Reader {
+            conn: Some(conn),
+            readers: self,
+            generation,
+            _permit: permit,
+        })
+    }
+
+    /// How many connections may be open at once.
+    pub(super) fn max(&self) -> u32 {
+        self.max
+    }
+
     /// Closes the idle connections, and the ones lent out when they come
     /// back: later reads connect to the file now at the path.
     pub(super) fn reopen(&self) {

@@ -2,7 +2,7 @@
 //! while a commit runs, then go in together, in one transaction and one WAL
 //! sync, and each caller hears back only after COMMIT.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use sqlx::SqliteConnection;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -76,37 +76,88 @@ async fn insert_batch(
         .execute(&mut *conn)
         .await
         .map_err(|e| classify(e, ctx))?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut result = Ok(());
-    for req in batch {
-        match insert(conn, &req.user).await {
-            Ok(inserted) => outcomes.push(if inserted == 1 {
-                AddOutcome::Added
-            } else {
-                AddOutcome::AlreadyExists
-            }),
-            Err(e) => {
-                result = Err(classify(e, ctx));
-                break;
-            }
-        }
-    }
-    if result.is_ok() {
+    let result = async {
+        let outcomes = insert_group(conn, batch).await?;
         // Never acknowledge adds into a file deleted or replaced under us.
-        result = file.map_or(Ok(()), DbFile::ensure_same);
-    }
-    if result.is_ok() {
-        result = sqlx::query("COMMIT")
+        file.map_or(Ok(()), DbFile::ensure_same)?;
+        sqlx::query("COMMIT")
             .execute(&mut *conn)
             .await
-            .map(drop)
-            .map_err(|e| classify(e, ctx));
+            .map_err(|e| classify(e, ctx))?;
+        Ok(outcomes)
     }
-    if let Err(e) = result {
+    .await;
+    if result.is_err() {
         // SQLite ends the transaction itself on some failures (FULL, IOERR)
         // and not on others (BUSY): after this ROLLBACK none is open.
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e);
+    }
+    result
+}
+
+/// The ids among `ids` that have a user.
+const EXISTING: &str = "SELECT json_group_array(id) FROM users \
+     WHERE id IN (SELECT value FROM json_each(?1))";
+/// Inserts users given as a JSON array of [id, nickname, mail_address,
+/// user_type]. (`WHERE true` tells SQLite's parser that ON CONFLICT belongs
+/// to the INSERT, not to a join.)
+const INSERT_MANY: &str = "INSERT INTO users (id, nickname, mail_address, user_type) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?1) WHERE true \
+     ON CONFLICT (id) DO NOTHING";
+
+/// Inserts a group's users with two statements, whatever its size: which ids
+/// exist already, then every new user at once. Each statement is a round trip
+/// to the connection's thread, so one per user cost more than the inserts.
+/// Within the transaction (and with this the only writer) nothing changes
+/// between the two, so the outcomes are exact: a user whose id exists, or
+/// came earlier in the group, already exists.
+async fn insert_group(
+    conn: &mut SqliteConnection,
+    batch: &[InsertRequest],
+) -> Result<Vec<AddOutcome>, StoreError> {
+    let ctx = "adding users";
+    let ids: Vec<u32> = batch.iter().map(|r| r.user.id.get()).collect();
+    let existing: String = sqlx::query_scalar(EXISTING)
+        .bind(serde_json::to_string(&ids).map_err(|e| StoreError::Internal(e.to_string()))?)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| classify(e, ctx))?;
+    let mut taken: HashSet<u32> = serde_json::from_str::<Vec<u32>>(&existing)
+        .map_err(|e| StoreError::Internal(format!("decoding existing ids: {e}")))?
+        .into_iter()
+        .collect();
+    let mut new = Vec::with_capacity(batch.len());
+    let outcomes: Vec<AddOutcome> = batch
+        .iter()
+        .map(|r| {
+            let u = &r.user;
+            if taken.insert(u.id.get()) {
+                new.push((
+                    u.id.get(),
+                    u.nickname.as_str(),
+                    u.mail_address.as_str(),
+                    u.user_type.number(),
+                ));
+                AddOutcome::Added
+            } else {
+                AddOutcome::AlreadyExists
+            }
+        })
+        .collect();
+    if !new.is_empty() {
+        let rows = serde_json::to_string(&new).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let inserted = sqlx::query(INSERT_MANY)
+            .bind(rows)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| classify(e, ctx))?
+            .rows_affected();
+        if inserted != new.len() as u64 {
+            return Err(StoreError::Internal(format!(
+                "inserted {inserted} of {} new users",
+                new.len()
+            )));
+        }
     }
     Ok(outcomes)
 }
