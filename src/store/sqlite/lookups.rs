@@ -28,13 +28,18 @@ const MAX_COALESCED: usize = 64;
 /// Lookups waiting for a connection before callers wait to queue theirs.
 const QUEUE: usize = 1024;
 
-/// Like `SELECT_MANY`, with each row's position among the ids asked.
-const SELECT_MANY_KEYED: &str = "SELECT json_group_array(\
-     json_array(j.key, u.id, u.nickname, u.mail_address, u.user_type) ORDER BY j.key) \
-     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
-/// The positions among the ids asked that found a user.
-const FOUND_KEYS: &str = "SELECT json_group_array(j.key ORDER BY j.key) \
-     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
+/// Several lookups' users at once: given a JSON array of id arrays, one
+/// array of users per id array, in order (each like `SELECT_MANY`'s).
+const SELECT_GROUPED: &str = "SELECT json_group_array(json((\
+     SELECT json_group_array(\
+     json_array(u.id, u.nickname, u.mail_address, u.user_type) ORDER BY j.key) \
+     FROM json_each(r.value) AS j CROSS JOIN users AS u ON u.id = j.value)) ORDER BY r.key) \
+     FROM json_each(?1) AS r";
+/// Several lookups' counts at once: one count per id array, in order.
+const COUNT_GROUPED: &str = "SELECT json_group_array((\
+     SELECT COUNT(*) FROM json_each(r.value) AS j CROSS JOIN users AS u ON u.id = j.value) \
+     ORDER BY r.key) \
+     FROM json_each(?1) AS r";
 
 /// What a lookup wants to know about its ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,26 +122,32 @@ fn mismatch() -> StoreError {
     StoreError::Internal("a lookup got the wrong kind of answer".into())
 }
 
-/// Answers queued lookups: takes whatever is queued, waits for a connection
-/// (more queue up meanwhile, for the next task), answers them all.
+/// Answers queued lookups. The task waiting for the next lookup holds the
+/// queue: once one arrives, it waits for a connection, and everything queued
+/// meanwhile goes into the same query. The other tasks wait their turn, each
+/// with the connection it will use being the next to come free.
 async fn serve(queue: Arc<Mutex<mpsc::Receiver<Queued>>>, readers: Arc<Readers>) {
+    let ctx = "reading users by id";
     let mut batch = Vec::with_capacity(MAX_COALESCED);
     loop {
-        let received = queue
-            .lock()
-            .await
-            .recv_many(&mut batch, MAX_COALESCED)
-            .await;
-        if received == 0 {
-            return;
-        }
+        let conn = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            batch.push(first);
+            let conn = readers.acquire().await;
+            while batch.len() < MAX_COALESCED {
+                let Ok(next) = queue.try_recv() else {
+                    break;
+                };
+                batch.push(next);
+            }
+            conn
+        };
         // A caller that went away needs no answer.
         batch.retain(|q| !q.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let ctx = "reading users by id";
-        match readers.acquire().await {
+        match conn {
             Ok(mut conn) => answer(&mut conn, &mut batch).await,
             Err(e) => {
                 let e = classify(e, ctx);
@@ -203,20 +214,20 @@ async fn alone(
     }
 }
 
-/// Several lookups of one kind in one query: their ids end to end, each
-/// row tagged with its position, split back by each lookup's range.
+/// Several lookups of one kind in one query: their id lists side by side,
+/// one answer per list back, in order.
 async fn together(conn: &mut Reader<'_>, group: Vec<Queued>, want: Want) {
-    let all: Vec<UserId> = group.iter().flat_map(|q| q.ids.iter().copied()).collect();
+    let lists: Vec<String> = group.iter().map(|q| json_array(&q.ids)).collect();
     let query = match want {
-        Want::Users => SELECT_MANY_KEYED,
-        Want::Count => FOUND_KEYS,
+        Want::Users => SELECT_GROUPED,
+        Want::Count => COUNT_GROUPED,
     };
     let result = sqlx::query_scalar::<_, String>(query)
-        .bind(json_array(&all))
+        .bind(format!("[{}]", lists.join(",")))
         .fetch_one(&mut **conn)
         .await
         .map_err(|e| classify(e, "reading users by id"))
-        .and_then(|json| split(&json, &group, want));
+        .and_then(|json| split(&json, group.len(), want));
     match result {
         Ok(answers) => {
             for (q, found) in group.into_iter().zip(answers) {
@@ -231,96 +242,65 @@ async fn together(conn: &mut Reader<'_>, group: Vec<Queued>, want: Want) {
     }
 }
 
-/// Splits a keyed answer into one `Found` per lookup, in order.
-fn split(json: &str, group: &[Queued], want: Want) -> Result<Vec<Found>, StoreError> {
+/// One `Found` per lookup from a grouped answer, which must have `lookups`.
+fn split(json: &str, lookups: usize, want: Want) -> Result<Vec<Found>, StoreError> {
     let decode = |e: serde_json::Error| StoreError::Internal(format!("decoding stored users: {e}"));
-    // Where each lookup's ids start among all the ids.
-    let starts: Vec<usize> = group
-        .iter()
-        .scan(0usize, |next, q| {
-            let start = *next;
-            *next += q.ids.len();
-            Some(start)
-        })
-        .collect();
-    let total = group.iter().map(|q| q.ids.len()).sum::<usize>();
-    let owner = |key: usize| {
-        if key >= total {
-            return Err(StoreError::Internal(format!("position {key} out of range")));
-        }
-        // The last lookup starting at or before `key` (empty ones are skipped).
-        Ok(starts.partition_point(|&s| s <= key) - 1)
+    let found: Vec<Found> = match want {
+        Want::Users => serde_json::from_str::<Vec<Vec<Row>>>(json)
+            .map_err(decode)?
+            .into_iter()
+            .map(|rows| {
+                let users: Result<Vec<User>, StoreError> = rows.into_iter().map(to_user).collect();
+                users.map(Found::Users)
+            })
+            .collect::<Result<_, _>>()?,
+        Want::Count => serde_json::from_str::<Vec<u64>>(json)
+            .map_err(decode)?
+            .into_iter()
+            .map(Found::Count)
+            .collect(),
     };
-    match want {
-        Want::Users => {
-            let mut users: Vec<Vec<User>> = group.iter().map(|_| Vec::new()).collect();
-            let rows: Vec<(usize, i64, String, String, i64)> =
-                serde_json::from_str(json).map_err(decode)?;
-            for (key, id, nickname, mail, user_type) in rows {
-                users[owner(key)?].push(to_user((id, nickname, mail, user_type))?);
-            }
-            Ok(users.into_iter().map(Found::Users).collect())
-        }
-        Want::Count => {
-            let mut counts = vec![0u64; group.len()];
-            for key in serde_json::from_str::<Vec<usize>>(json).map_err(decode)? {
-                counts[owner(key)?] += 1;
-            }
-            Ok(counts.into_iter().map(Found::Count).collect())
-        }
+    if found.len() != lookups {
+        return Err(StoreError::Internal(format!(
+            "{} answers for {lookups} lookups",
+            found.len()
+        )));
     }
+    Ok(found)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn queued(ids: &[u32], want: Want) -> Queued {
-        Queued {
-            ids: ids.iter().copied().filter_map(UserId::new).collect(),
-            want,
-            reply: oneshot::channel().0,
-        }
-    }
-
-    #[test]
-    fn counts_go_to_the_lookup_whose_ids_found_them() {
-        let group = [
-            queued(&[1, 2], Want::Count),
-            queued(&[], Want::Count),
-            queued(&[3], Want::Count),
-            queued(&[4, 5, 6], Want::Count),
-        ];
-        // Positions 0 and 1 are the first lookup's, 2 the third's, 3..6 the last's.
-        let found = split("[0,1,3,5]", &group, Want::Count).unwrap();
-        let counts: Vec<u64> = found
+    fn counts(found: Vec<Found>) -> Vec<u64> {
+        found
             .into_iter()
             .map(|f| match f {
                 Found::Count(n) => n,
                 Found::Users(_) => panic!("asked for counts"),
             })
-            .collect();
-        assert_eq!(counts, [2, 0, 0, 2]);
+            .collect()
     }
 
     #[test]
-    fn users_keep_their_order_and_repeats_per_lookup() {
-        let group = [queued(&[7, 7], Want::Users), queued(&[8, 9], Want::Users)];
-        let json = r#"[[0,7,"a","a@x.io",1],[1,7,"a","a@x.io",1],[3,9,"c","c@x.io",2]]"#;
-        let found = split(json, &group, Want::Users).unwrap();
-        let ids: Vec<Vec<u32>> = found
+    fn a_grouped_answer_gives_each_lookup_its_own() {
+        assert_eq!(counts(split("[2,0,1]", 3, Want::Count).unwrap()), [2, 0, 1]);
+        let json = r#"[[[7,"a","a@x.io",1],[7,"a","a@x.io",1]],[],[[9,"c","c@x.io",2]]]"#;
+        let ids: Vec<Vec<u32>> = split(json, 3, Want::Users)
+            .unwrap()
             .into_iter()
             .map(|f| match f {
                 Found::Users(users) => users.into_iter().map(|u| u.id.get()).collect(),
                 Found::Count(_) => panic!("asked for users"),
             })
             .collect();
-        assert_eq!(ids, [vec![7, 7], vec![9]]);
+        assert_eq!(ids, [vec![7, 7], vec![], vec![9]]);
     }
 
     #[test]
-    fn a_position_past_the_ids_is_an_error_not_a_panic() {
-        let group = [queued(&[1], Want::Count)];
-        assert!(split("[1]", &group, Want::Count).is_err());
+    fn an_answer_for_another_number_of_lookups_is_an_error_not_a_mixup() {
+        assert!(split("[1,2]", 3, Want::Count).is_err());
+        assert!(split("[[]]", 2, Want::Users).is_err());
     }
 }
