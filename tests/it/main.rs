@@ -22,6 +22,7 @@ mod deploy;
 mod drain;
 mod e2e;
 mod k8s;
+mod metrics;
 mod newcomer;
 mod ops;
 mod replicas;
