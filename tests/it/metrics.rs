@@ -2,19 +2,35 @@
 //! then what `GET /metrics` on its own listener says about them; and OTLP
 //! metrics reaching a receiver this test runs.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::{StreamExt, stream};
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
+    common::v1::{KeyValue, any_value::Value},
+    metrics::v1::{Metric, metric::Data, number_data_point},
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request};
-use user_manager::proto::{UserRequest, UserTypeRequest};
+use tonic::{
+    Code, Request,
+    transport::{Server, server::TcpIncoming},
+};
+use user_manager::proto::{UserRequest, UserTypeRequest, user_manager_client::UserManagerClient};
 
 use crate::common::{
     self, Binary, ServerProcess, grpc_frame, health_status,
     metrics::{Scrape, http_get},
     raw_grpc_call, user,
 };
+use crate::security::{Ca, TlsFiles, tls_channel};
 
 const NORMAL: i32 = 1;
 const GUEST: i32 = 3;
@@ -174,6 +190,29 @@ async fn every_call_is_measured_once_with_its_method_and_status() {
             "_OTHER",
         ])
     );
+
+    // Lines as a scrape of this very sequence of calls showed them, checked
+    // by hand: the names, label names and label values the dashboards use.
+    for line in [
+        "# TYPE rpc_server_call_duration_seconds histogram\n",
+        "rpc_server_call_duration_seconds_count{rpc_method=\"UserManager/GetUser\",rpc_response_status_code=\"OK\",rpc_system_name=\"grpc\"} 4\n",
+        "rpc_server_call_duration_seconds_count{error_type=\"DEADLINE_EXCEEDED\",rpc_method=\"UserManager/GetUsersByIds\",rpc_response_status_code=\"DEADLINE_EXCEEDED\",rpc_system_name=\"grpc\"} 1\n",
+        "rpc_server_call_duration_seconds_bucket{error_type=\"UNIMPLEMENTED\",rpc_method=\"_OTHER\",rpc_response_status_code=\"UNIMPLEMENTED\",rpc_system_name=\"grpc\",le=\"0.5\"} 1\n",
+        "# TYPE user_manager_rpc_server_active_calls gauge\n",
+        "user_manager_rpc_server_active_calls{rpc_method=\"UserManager/GetUser\"} 0\n",
+        "# TYPE user_manager_rpc_server_messages_received histogram\n",
+        "# TYPE db_client_operation_duration_seconds histogram\n",
+        "# TYPE db_client_connection_wait_time_seconds histogram\n",
+        "# TYPE user_manager_db_group_commit_size histogram\n",
+        "# TYPE user_manager_db_sqlite_wal_size_bytes gauge\n",
+        "# TYPE user_manager_ready gauge\nuser_manager_ready 1\n",
+    ] {
+        assert!(
+            metrics.text.contains(line),
+            "{line} not in\n{}",
+            metrics.text
+        );
+    }
 
     // error.type on the server's faults only.
     for (series, _) in metrics.matching(&format!("{DURATION}_count"), &[]) {
@@ -405,4 +444,249 @@ async fn refusals_are_counted_by_the_limit_that_refused() {
         "the held stream is in flight"
     );
     drop(open);
+}
+
+// ---------------------------------------------------------------- OTLP
+
+/// An OTLP/gRPC metrics receiver on an ephemeral loopback port, keeping
+/// every export it is sent.
+struct MetricsCollector {
+    addr: std::net::SocketAddr,
+    received: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+struct Receiver(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+impl MetricsCollector {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::default();
+        tokio::spawn(
+            Server::builder()
+                .add_service(MetricsServiceServer::new(Receiver(Arc::clone(&received))))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        Self { addr, received }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn exports(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// The newest export's metric `name`, with its resource's attributes.
+    fn latest(&self, name: &str) -> Option<(Vec<KeyValue>, Metric)> {
+        let received = self.received.lock().unwrap();
+        received.iter().rev().find_map(|export| {
+            export.resource_metrics.iter().find_map(|rm| {
+                let metric = rm
+                    .scope_metrics
+                    .iter()
+                    .flat_map(|s| &s.metrics)
+                    .find(|m| m.name == name)?;
+                let resource = rm
+                    .resource
+                    .as_ref()
+                    .map(|r| r.attributes.clone())
+                    .unwrap_or_default();
+                Some((resource, metric.clone()))
+            })
+        })
+    }
+}
+
+fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.as_str()),
+            _ => None,
+        }
+    })
+}
+
+/// The server, exporting every 100 ms to `collector`, with `env` on top.
+async fn exporting_to(
+    dir: &std::path::Path,
+    collector: &MetricsCollector,
+    env: &[(&str, &str)],
+) -> ServerProcess {
+    Binary::new(dir)
+        .metrics_listener()
+        .env(
+            "USER_MANAGER__TELEMETRY__OTLP_ENDPOINT",
+            collector.endpoint(),
+        )
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "100")
+        .env("OTEL_TRACES_EXPORTER", "none")
+        .envs(env)
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn otlp_metrics_reach_the_collector_with_names_units_and_attributes() {
+    let collector = MetricsCollector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = exporting_to(dir.path(), &collector, &[]).await;
+    let mut client = server.client().await;
+    for _ in 0..2 {
+        client.get_user(UserRequest { id: 1 }).await.unwrap();
+    }
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (resource, duration) = loop {
+        if let Some((resource, metric)) = collector.latest("rpc.server.call.duration")
+            && let Some(Data::Histogram(h)) = &metric.data
+            && h.data_points.iter().any(|p| {
+                attr(&p.attributes, "rpc.method") == Some("UserManager/GetUser") && p.count == 2
+            })
+        {
+            break (resource, metric);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no export with both GetUser calls within 10 s ({} exports)",
+            collector.exports()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(attr(&resource, "service.name"), Some("user-manager"));
+    assert_eq!(duration.unit, "s");
+    let Some(Data::Histogram(histogram)) = &duration.data else {
+        unreachable!()
+    };
+    let point = histogram
+        .data_points
+        .iter()
+        .find(|p| attr(&p.attributes, "rpc.method") == Some("UserManager/GetUser"))
+        .unwrap();
+    assert_eq!(attr(&point.attributes, "rpc.system.name"), Some("grpc"));
+    assert_eq!(
+        attr(&point.attributes, "rpc.response.status_code"),
+        Some("OK")
+    );
+    assert_eq!(attr(&point.attributes, "error.type"), None);
+    assert_eq!(point.explicit_bounds.first(), Some(&0.0001));
+    assert!(point.sum.unwrap() > 0.0);
+
+    let (_, ready) = collector.latest("user_manager.ready").expect("readiness");
+    let Some(Data::Gauge(gauge)) = &ready.data else {
+        panic!("{ready:?}")
+    };
+    assert_eq!(
+        gauge.data_points[0].value,
+        Some(number_data_point::Value::AsInt(1))
+    );
+    let (_, db) = collector
+        .latest("db.client.operation.duration")
+        .expect("database durations");
+    assert_eq!(db.unit, "s");
+    let (_, active) = collector
+        .latest("user_manager.rpc.server.active_calls")
+        .expect("active calls");
+    assert_eq!(active.unit, "{call}");
+}
+
+#[tokio::test]
+async fn the_standard_switches_turn_metrics_off() {
+    for (var, value) in [
+        ("OTEL_METRICS_EXPORTER", "none"),
+        ("OTEL_SDK_DISABLED", "true"),
+    ] {
+        let collector = MetricsCollector::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = exporting_to(dir.path(), &collector, &[(var, value)]).await;
+        let mut client = server.client().await;
+        client.get_user(UserRequest { id: 1 }).await.unwrap();
+        let scrape = server.scrape().await;
+        // Ten export intervals, then the flush at shutdown.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let status = server.sigterm_and_wait(Duration::from_secs(30)).await;
+        assert!(status.success(), "{status}");
+        assert_eq!(collector.exports(), 0, "{var}={value}: metrics were sent");
+        let rpc_series = scrape.sum(&format!("{DURATION}_count"), &[]);
+        match value {
+            // The Prometheus listener is not an exporter OTEL_METRICS_EXPORTER names.
+            "none" => assert_eq!(rpc_series, 1.0, "{}", scrape.text),
+            // No SDK, no readers: the listener answers, with nothing.
+            _ => assert!(scrape.samples.is_empty(), "{}", scrape.text),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- TLS
+
+#[tokio::test]
+async fn failed_handshakes_are_counted_by_reason_and_a_rejected_certificate_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let files = TlsFiles::write(dir.path(), &server_ca.server(), &client_ca);
+    let server = Binary::new(dir.path())
+        .health_listener()
+        .metrics_listener()
+        .envs(&files.env(true))
+        .start()
+        .await;
+
+    let good = client_ca.client("reporting", vec![]);
+    let channel = tls_channel(server.addr, &server_ca, Some(&good))
+        .await
+        .unwrap();
+    UserManagerClient::new(channel)
+        .get_user(UserRequest { id: 1 })
+        .await
+        .unwrap();
+    // TLS 1.3 clients finish their side before the server has checked their
+    // certificate: the refusal may come at connect or at the first call.
+    let forged = Ca::new("client CA").client("reporting", vec![]);
+    for identity in [None, Some(&forged)] {
+        if let Ok(channel) = tls_channel(server.addr, &server_ca, identity).await {
+            let refused = UserManagerClient::new(channel)
+                .get_user(UserRequest { id: 1 })
+                .await;
+            assert!(refused.is_err(), "{refused:?}");
+        }
+    }
+
+    // A client's channel may try again (so count at least one of each).
+    let failures = "user_manager_tls_handshake_failures_total";
+    let counted = |m: &Scrape, reason| m.sum(failures, &[("reason", reason)]);
+    let metrics = eventually_scrape(&server, "both failures counted", |m| {
+        counted(m, "client_certificate_rejected") >= 1.0
+            && counted(m, "no_client_certificate") >= 1.0
+    })
+    .await;
+    let reasons: BTreeSet<&str> = metrics
+        .matching(failures, &[])
+        .iter()
+        .map(|(s, _)| s.labels["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from(["client_certificate_rejected", "no_client_certificate"]),
+        "the good client's handshake is no failure"
+    );
+    // Logged at warn, once: the rest within 10 s stay at debug.
+    let warned: Vec<String> = server
+        .stdout_lines()
+        .into_iter()
+        .filter(|line| line.contains("\"WARN\"") && line.contains("client certificate rejected"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{}", server.log());
 }
