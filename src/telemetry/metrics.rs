@@ -8,13 +8,26 @@
 //! metrics off, `otlp` (the default when an endpoint is set) on. Without
 //! any reader no provider is installed, so every instrument is a no-op.
 
-use std::sync::OnceLock;
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 
 use crate::config::Settings;
+
+/// Whether a meter provider is installed; read by
+/// [`crate::grpc::middleware::metrics`] so that without one a call costs
+/// nothing at all.
+static METERING: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`init`] installed a meter provider in this process.
+pub fn metering() -> bool {
+    METERING.load(Ordering::Relaxed)
+}
 
 /// The registry the Prometheus reader fills, once installed.
 static REGISTRY: OnceLock<prometheus::Registry> = OnceLock::new();
@@ -102,6 +115,7 @@ pub(crate) fn init(readers: &Readers<'_>) -> anyhow::Result<Option<SdkMeterProvi
     }
     let provider = builder.build();
     opentelemetry::global::set_meter_provider(provider.clone());
+    METERING.store(true, Ordering::Relaxed);
     Ok(Some(provider))
 }
 

@@ -17,6 +17,8 @@
 pub mod endpoint;
 mod metrics;
 
+pub use metrics::metering;
+
 use std::{
     io::IsTerminal as _,
     sync::atomic::{AtomicBool, Ordering},

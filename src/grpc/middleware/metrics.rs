@@ -15,7 +15,8 @@
 //! a path that names no method of ours counts as `_OTHER`.
 //!
 //! Every attribute set is built once, per method × status code, so a call
-//! allocates nothing for its measurements.
+//! allocates nothing for its measurements. Without a meter provider (no
+//! reader configured) the layer only forwards.
 
 use std::{
     ops::ControlFlow,
@@ -77,7 +78,8 @@ const EXCLUDED_PREFIXES: [&str; 2] = ["/grpc.health.", "/grpc.reflection."];
 
 #[derive(Clone)]
 pub(crate) struct RpcMetricsLayer {
-    shared: Arc<Shared>,
+    /// `None` when no meter provider is installed: the service only forwards.
+    shared: Option<Arc<Shared>>,
 }
 
 struct Shared {
@@ -92,7 +94,12 @@ struct Shared {
 }
 
 impl RpcMetricsLayer {
+    /// Measures when [`crate::telemetry::init`] installed a meter provider;
+    /// otherwise the service only forwards.
     pub(crate) fn new() -> Self {
+        if !crate::telemetry::metering() {
+            return Self { shared: None };
+        }
         let meter = instruments::meter();
         let methods = Method::ALL
             .iter()
@@ -140,7 +147,7 @@ impl RpcMetricsLayer {
                 .build()
         };
         Self {
-            shared: Arc::new(Shared {
+            shared: Some(Arc::new(Shared {
                 duration: meter
                     .f64_histogram("rpc.server.call.duration")
                     .with_unit("s")
@@ -164,7 +171,7 @@ impl RpcMetricsLayer {
                 ),
                 by_status,
                 by_method,
-            }),
+            })),
         }
     }
 }
@@ -189,7 +196,7 @@ impl<S> Layer<S> for RpcMetricsLayer {
 #[derive(Clone)]
 pub(crate) struct RpcMetrics<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Option<Arc<Shared>>,
 }
 
 /// The slot of `path`, and whether its call streams; `None`: not measured.
@@ -217,10 +224,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let Some((slot, streaming)) = classify(request.uri().path()) else {
+        let (Some(shared), Some((slot, streaming))) =
+            (&self.shared, classify(request.uri().path()))
+        else {
             return Either::Left(self.inner.call(request));
         };
-        let shared = self.shared.clone();
+        let shared = shared.clone();
         shared.active.add(1, &shared.by_method[slot]);
         let started = Instant::now();
         let (request, received) = if streaming {
