@@ -402,7 +402,10 @@ async fn refusals_are_counted_by_the_limit_that_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(
         dir.path(),
-        &[("USER_MANAGER__LIMITS__MAX_OPEN_STREAMS", "1")],
+        &[
+            ("USER_MANAGER__LIMITS__MAX_OPEN_STREAMS", "1"),
+            ("USER_MANAGER__LIMITS__MAX_MESSAGE_BYTES", "1024"),
+        ],
     )
     .await;
     let mut client = server.client().await;
@@ -417,17 +420,26 @@ async fn refusals_are_counted_by_the_limit_that_refused() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
 
+    // A request message over limits.max_message_bytes.
+    let oversized = client
+        .add_user(user(7002, &"x".repeat(2_000), GUEST))
+        .await
+        .unwrap_err();
+    assert_eq!(oversized.code(), Code::ResourceExhausted, "{oversized:?}");
+
     let metrics = server.scrape().await;
+    let refusals = "user_manager_limit_refusals_total";
     assert_eq!(
-        metrics.value(
-            "user_manager_limit_refusals_total",
-            &[("limit", "max_open_streams")]
-        ),
+        metrics.value(refusals, &[("limit", "max_open_streams")]),
         1.0
     );
     assert_eq!(
-        metrics.sum("user_manager_limit_refusals_total", &[]),
-        1.0,
+        metrics.value(refusals, &[("limit", "max_message_bytes")]),
+        1.0
+    );
+    assert_eq!(
+        metrics.sum(refusals, &[]),
+        2.0,
         "no other limit refused anything"
     );
     // The refused call is measured too, with its status.
@@ -689,4 +701,100 @@ async fn failed_handshakes_are_counted_by_reason_and_a_rejected_certificate_warn
         .filter(|line| line.contains("\"WARN\"") && line.contains("client certificate rejected"))
         .collect();
     assert_eq!(warned.len(), 1, "{}", server.log());
+}
+
+// ---------------------------------------------------------------- the end
+
+#[tokio::test]
+async fn a_stream_ended_by_the_drain_is_unavailable_and_flushed_at_exit() {
+    let collector = MetricsCollector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = exporting_to(
+        dir.path(),
+        &collector,
+        &[
+            // Only the flush at shutdown exports.
+            ("OTEL_METRIC_EXPORT_INTERVAL", "3600000"),
+            ("USER_MANAGER__SERVER__DRAIN_TIMEOUT_MS", "300"),
+        ],
+    )
+    .await;
+    let mut client = server.client().await;
+    let (open, rx) = mpsc::channel(1);
+    let mut held = client
+        .get_users_by_ids(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    open.send(UserRequest { id: 1 }).await.unwrap();
+    held.next().await.unwrap().unwrap();
+
+    server.signal("TERM");
+    let ended = held.next().await.expect("an end").unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable);
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{status}");
+    drop(open);
+
+    let (_, duration) = collector
+        .latest("rpc.server.call.duration")
+        .expect("the flush at exit exported the calls");
+    let Some(Data::Histogram(histogram)) = &duration.data else {
+        panic!("{duration:?}")
+    };
+    let drained = histogram
+        .data_points
+        .iter()
+        .find(|p| attr(&p.attributes, "rpc.method") == Some("UserManager/GetUsersByIds"))
+        .expect("the drained stream");
+    assert_eq!(
+        attr(&drained.attributes, "rpc.response.status_code"),
+        Some("UNAVAILABLE")
+    );
+    assert_eq!(attr(&drained.attributes, "error.type"), Some("UNAVAILABLE"));
+    assert_eq!(drained.count, 1);
+    assert!(drained.sum.unwrap() >= 0.3, "{drained:?}");
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+#[tokio::test]
+async fn the_postgres_pool_and_its_operations_are_observed() {
+    let url = common::postgres::fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[("USER_MANAGER__DATABASE__URL", &url)]).await;
+    let mut client = server.client().await;
+    client.get_user(UserRequest { id: 1 }).await.unwrap();
+
+    let metrics = server.scrape().await;
+    let pool = [
+        ("db_system_name", "postgresql"),
+        ("db_client_connection_pool_name", "postgres"),
+    ];
+    assert_eq!(metrics.value("db_client_connection_max", &pool), 10.0);
+    let count = |state| {
+        let mut labels = pool.to_vec();
+        labels.push(("db_client_connection_state", state));
+        metrics.value("db_client_connection_count", &labels)
+    };
+    assert!(count("idle") + count("used") >= 1.0, "{}", metrics.text);
+    assert_eq!(
+        metrics.value(
+            "db_client_operation_duration_seconds_count",
+            &[
+                ("db_system_name", "postgresql"),
+                ("db_operation_name", "get")
+            ]
+        ),
+        1.0
+    );
+    assert!(
+        metrics
+            .matching("user_manager_db_sqlite_wal_size_bytes", &[])
+            .is_empty(),
+        "no SQLite file, no WAL size"
+    );
 }
