@@ -182,3 +182,44 @@ fn warn_now() -> bool {
             )
             .is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use tokio_rustls::rustls::{CertificateError, Error as Tls};
+
+    use super::*;
+
+    fn wrapped(e: Tls) -> io::Error {
+        // As tokio-rustls reports a handshake's TLS error.
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn failures_are_told_apart_by_what_rustls_reports() {
+        let rejected = wrapped(Tls::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert_eq!(
+            failure_reason(&rejected),
+            TlsFailure::ClientCertificateRejected
+        );
+        assert_eq!(
+            failure_reason(&wrapped(Tls::NoCertificatesPresented)),
+            TlsFailure::NoClientCertificate
+        );
+        assert_eq!(
+            failure_reason(&wrapped(Tls::HandshakeNotComplete)),
+            TlsFailure::Protocol
+        );
+        assert_eq!(
+            failure_reason(&io::Error::from(io::ErrorKind::ConnectionReset)),
+            TlsFailure::Io
+        );
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        assert!(warn_now());
+        assert!(!warn_now(), "a second warning within WARN_EVERY");
+    }
+}
