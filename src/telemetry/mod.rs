@@ -113,12 +113,14 @@ pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
         std::io::stdout,
         colour(std::io::stdout().is_terminal()),
     )?;
-    let readers = metrics::readers(settings, |name| std::env::var(name).ok());
+    // Metrics after the subscriber, so that what choosing the readers logs
+    // (an exporter name this build lacks) is seen.
+    let meters = || metrics::init(&metrics::readers(settings, |name| std::env::var(name).ok()));
     let Some(endpoint) = otlp_endpoint(&settings.telemetry.otlp_endpoint) else {
         tracing_subscriber::registry().with(logs).try_init()?;
         return Ok(TelemetryGuard {
             provider: None,
-            meters: metrics::init(&readers)?,
+            meters: meters()?,
         });
     };
     let provider = tracer_provider(endpoint)?;
@@ -130,7 +132,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(TelemetryGuard {
         provider: Some(provider),
-        meters: metrics::init(&readers)?,
+        meters: meters()?,
     })
 }
 
