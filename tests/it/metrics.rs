@@ -703,6 +703,44 @@ async fn failed_handshakes_are_counted_by_reason_and_a_rejected_certificate_warn
     assert_eq!(warned.len(), 1, "{}", server.log());
 }
 
+#[tokio::test]
+async fn a_stream_whose_client_stopped_reading_is_counted_as_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = common::big_seed(dir.path(), 20_000);
+    let seed = seed.display().to_string();
+    let server = start(
+        dir.path(),
+        &[
+            ("USER_MANAGER__SEED__PATH", seed.as_str()),
+            ("USER_MANAGER__LIMITS__STREAM_STALL_TIMEOUT_MS", "300"),
+        ],
+    )
+    .await;
+    // HTTP/2's default windows (hyper's client would take megabytes).
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut guests = UserManagerClient::new(channel)
+        .get_users_by_type(UserTypeRequest { user_type: GUEST })
+        .await
+        .unwrap()
+        .into_inner();
+    guests.next().await.unwrap().unwrap();
+    // Read nothing more: once the flow-control window is full the server
+    // can send nothing, and the stall timeout ends the call.
+    let refusals = "user_manager_limit_refusals_total";
+    let metrics = eventually_scrape(&server, "the stall is counted", |m| {
+        m.sum(refusals, &[("limit", "stream_stall_timeout_ms")]) == 1.0
+    })
+    .await;
+    assert_eq!(metrics.sum(refusals, &[]), 1.0, "{}", metrics.text);
+    drop(guests);
+}
+
 // ---------------------------------------------------------------- the end
 
 #[tokio::test]
