@@ -16,6 +16,7 @@ mod callgrind;
 mod dataset;
 mod load;
 mod machine;
+mod metrics_cost;
 mod process;
 mod reference;
 mod report;
@@ -95,6 +96,11 @@ struct Cli {
     /// Leave out the instruction counts (callgrind).
     #[arg(long)]
     skip_instructions: bool,
+    /// Only measure the server's CPU per GetUser with metrics off and on
+    /// (the /metrics listener scraped every second), and print both and the
+    /// difference; writes nothing. Take the figure on an idle machine.
+    #[arg(long, conflicts_with_all = ["instructions", "candidate_bin"])]
+    metrics_cost: bool,
     /// Testing: judge as if other processes had kept N tasks runnable.
     #[arg(long, value_name = "N", hide = true)]
     pretend_load: Option<f64>,
@@ -456,6 +462,20 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     let callgrind_dir = tmp.path().join("callgrind");
     std::fs::create_dir_all(&callgrind_dir)?;
 
+    if cli.metrics_cost {
+        eprintln!("bench: server CPU per GetUser, metrics off and on");
+        let (cost, failures) = metrics_cost::measure(
+            &binary,
+            &db,
+            &servers[0].3,
+            plan.users,
+            plan.window,
+            plan.passes,
+        )
+        .await?;
+        print!("{}", cost.render(plan.passes));
+        return Ok(failures);
+    }
     if cli.instructions {
         let mut report = Report::new(servers.iter().map(|s| s.0.clone()).collect());
         report.sides.insert(0, "reference".into());

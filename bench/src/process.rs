@@ -42,6 +42,17 @@ impl ServerProcess {
         Self::user_manager_via(&[], binary, db, log)
     }
 
+    /// [`Self::user_manager`] with `env` set on top (settings as
+    /// `USER_MANAGER__*` variables).
+    pub fn user_manager_with(
+        binary: &Path,
+        db: &Database,
+        log: &Path,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_user_manager(&[], binary, db, log, env)
+    }
+
     /// [`Self::user_manager`] run by `prefix` (e.g. `valgrind --tool=callgrind`).
     pub fn user_manager_via(
         prefix: &[OsString],
@@ -49,8 +60,19 @@ impl ServerProcess {
         db: &Database,
         log: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_user_manager(prefix, binary, db, log, &[])
+    }
+
+    fn spawn_user_manager(
+        prefix: &[OsString],
+        binary: &Path,
+        db: &Database,
+        log: &Path,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let addr = free_addr()?;
         let mut cmd = user_manager_command_via(prefix, binary, db);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.arg("serve")
             .env("USER_MANAGER__SERVER__LISTEN", addr.to_string())
             .stdin(Stdio::null());

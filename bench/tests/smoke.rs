@@ -215,3 +215,29 @@ fn instructions_are_counted_under_callgrind_or_the_phase_says_why_not() {
     }
     assert!(!stdout.contains("| GetUser, 64 callers |"), "{stdout}");
 }
+
+/// `--metrics-cost`: both configurations measured and the difference
+/// printed (not judged: smoke mode on a busy machine says nothing about it).
+#[test]
+fn metrics_cost_prints_cpu_per_call_off_and_on_and_the_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--smoke", "--metrics-cost", "--server-bin"])
+        .arg(server_binary())
+        .arg("--db-dir")
+        .arg(dir.path())
+        .output()
+        .expect("bench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    for text in [
+        "Server CPU per GetUser (64 callers, best of 1 pass(es) each):",
+        "- metrics off: ",
+        "- metrics on (Prometheus /metrics scraped every 1s, ",
+        "- difference: ",
+    ] {
+        assert!(stdout.contains(text), "no {text:?} in:\n{stdout}\n{stderr}");
+    }
+    assert!(!stdout.contains("| GetUser, 64 callers |"), "{stdout}");
+}

@@ -22,6 +22,7 @@ mod deploy;
 mod drain;
 mod e2e;
 mod k8s;
+mod metrics;
 mod newcomer;
 mod ops;
 mod replicas;
@@ -33,7 +34,9 @@ mod traces;
 
 /// The harness reads the addresses the binary bound from its log.
 mod harness {
-    use crate::common::process::{HEALTH_LISTENER, READY, connectable, logged_listen};
+    use crate::common::process::{
+        HEALTH_LISTENER, METRICS_LISTENER, READY, connectable, logged_listen,
+    };
 
     #[test]
     fn listen_addresses_are_read_from_json_and_pretty_lines() {
@@ -43,6 +46,10 @@ mod harness {
             Some("127.0.0.1:4321".parse().unwrap())
         );
         assert_eq!(logged_listen(json, HEALTH_LISTENER), None);
+        let metrics = r#"{"timestamp":"t","level":"INFO","message":"metrics listener","listen":"0.0.0.0:9464","target":"x"}"#;
+        let addr = logged_listen(metrics, METRICS_LISTENER).unwrap();
+        assert_eq!(connectable(addr), "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(logged_listen(metrics, READY), None);
         let pretty = "2026-01-01T00:00:00Z \u{1b}[32m INFO\u{1b}[0m \u{1b}[2muser_manager::server\u{1b}[0m\u{1b}[2m:\u{1b}[0m health-only plaintext listener \u{1b}[3mlisten\u{1b}[0m\u{1b}[2m=\u{1b}[0m[::]:8081";
         let addr = logged_listen(pretty, HEALTH_LISTENER).unwrap();
         assert_eq!(connectable(addr), "[::1]:8081".parse().unwrap());

@@ -52,20 +52,20 @@ const WRITE_TOKEN: &str = "write-token-8b1e6d0c4a7f2953";
 // ---------------------------------------------------------------- certificates
 
 /// A certificate authority made for one test.
-struct Ca {
+pub(crate) struct Ca {
     pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
 /// A certificate and its key, as PEM, and the certificate as DER.
-struct Leaf {
+pub(crate) struct Leaf {
     cert_pem: String,
     key_pem: String,
     der: Vec<u8>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -104,7 +104,7 @@ impl Ca {
     }
 
     /// A server certificate for `localhost`, the name clients verify.
-    fn server(&self) -> Leaf {
+    pub(crate) fn server(&self) -> Leaf {
         let localhost = SanType::DnsName("localhost".try_into().unwrap());
         self.issue(
             "user-manager",
@@ -113,21 +113,21 @@ impl Ca {
         )
     }
 
-    fn client(&self, common_name: &str, alt_names: Vec<SanType>) -> Leaf {
+    pub(crate) fn client(&self, common_name: &str, alt_names: Vec<SanType>) -> Leaf {
         self.issue(common_name, alt_names, ExtendedKeyUsagePurpose::ClientAuth)
     }
 }
 
 /// The server's files in `dir`: its certificate and key, and the CA bundle
 /// client certificates are checked against.
-struct TlsFiles {
+pub(crate) struct TlsFiles {
     cert: PathBuf,
     key: PathBuf,
     client_ca: PathBuf,
 }
 
 impl TlsFiles {
-    fn write(dir: &Path, server: &Leaf, client_ca: &Ca) -> Self {
+    pub(crate) fn write(dir: &Path, server: &Leaf, client_ca: &Ca) -> Self {
         let files = TlsFiles {
             cert: dir.join("server.crt"),
             key: dir.join("server.key"),
@@ -149,7 +149,7 @@ impl TlsFiles {
     }
 
     /// As the environment: TLS on, mTLS with `mtls`.
-    fn env(&self, mtls: bool) -> Vec<(String, String)> {
+    pub(crate) fn env(&self, mtls: bool) -> Vec<(String, String)> {
         let mut env = vec![
             env_var("SERVER__TLS__CERT_PATH", self.cert.display()),
             env_var("SERVER__TLS__KEY_PATH", self.key.display()),
@@ -179,7 +179,7 @@ fn env_var(key: &str, value: impl std::fmt::Display) -> (String, String) {
 // ---------------------------------------------------------------- clients
 
 /// A channel to `addr` over TLS, trusting `ca`, presenting `identity`.
-async fn tls_channel(
+pub(crate) async fn tls_channel(
     addr: SocketAddr,
     ca: &Ca,
     identity: Option<&Leaf>,
