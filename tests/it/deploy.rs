@@ -37,10 +37,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use user_manager::config::{LogFormat, Settings, Sources};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-const KUSTOMIZATIONS: [&str; 3] = [
+const KUSTOMIZATIONS: [&str; 4] = [
     "deploy/k8s/base",
     "deploy/k8s/overlays/otlp",
     "deploy/k8s/overlays/production",
+    // The base plus deploy/monitoring; tests/it/monitoring.rs checks what
+    // the component adds (kubernetes-validate has no schema for its
+    // ServiceMonitor and warns).
+    "deploy/k8s/overlays/monitoring",
 ];
 /// The oldest Kubernetes the manifests need (the preStop sleep action is on
 /// by default from 1.30) and the newest one kubernetes-validate has schemas for.
@@ -710,8 +714,14 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
             let [service_port] = &service.spec.ports[..] else {
                 panic!("{}: one port", service.metadata.name);
             };
-            assert_eq!(service_port.name, "grpc");
-            assert_eq!(service_port.target_port.as_str(), Some("grpc"));
+            // The gRPC Services, and deploy/monitoring's metrics Service.
+            let name = if service.metadata.name.ends_with("-metrics") {
+                "metrics"
+            } else {
+                "grpc"
+            };
+            assert_eq!(service_port.name, name, "{dir}");
+            assert_eq!(service_port.target_port.as_str(), Some(name), "{dir}");
         }
 
         // SIGKILL never cuts the drain short.

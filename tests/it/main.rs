@@ -22,6 +22,7 @@ mod deploy;
 mod drain;
 mod e2e;
 mod k8s;
+mod monitoring;
 mod newcomer;
 mod ops;
 mod replicas;
