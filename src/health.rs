@@ -60,6 +60,7 @@ impl Health {
         reporter
             .set_service_status(LIVENESS, ServingStatus::Serving)
             .await;
+        crate::instruments::get().set_ready(false);
         let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
         let health = Self {
             reporter,
@@ -114,6 +115,7 @@ impl Health {
         for name in self.readiness {
             self.reporter.set_service_status(name, status).await;
         }
+        crate::instruments::get().set_ready(serving);
     }
 
     /// Checks the database every `interval` (a check that takes longer than

@@ -18,6 +18,7 @@ pub mod telemetry;
 mod error;
 mod grpc;
 mod health;
+mod instruments;
 
 // The generated messages and client: the one public path into `grpc`.
 pub use grpc::proto;

@@ -20,6 +20,7 @@ use crate::{
             deadline::DeadlineLayer,
             drain::{DrainLayer, DrainTrigger, drain_pair},
             limits,
+            metrics::RpcMetricsLayer,
             trace::RpcTraceLayer,
         },
         proto::{self, user_manager_server::UserManagerServer},
@@ -29,6 +30,7 @@ use crate::{
     health::Health,
     seed,
     store::{SeedOutcome, Store, UserStore},
+    telemetry::endpoint::MetricsListener,
 };
 
 /// `user-manager migrate`: the schema brought up to date and the seed
@@ -77,6 +79,8 @@ pub struct Application {
     drain_trigger: DrainTrigger,
     /// `server.health_listen`: plaintext, the health service only.
     health_only: Option<Serving>,
+    /// `telemetry.metrics_listen`: plaintext HTTP, `GET /metrics`.
+    metrics: Option<MetricsListener>,
     tls: Option<Arc<ReloadingTls>>,
 }
 
@@ -119,6 +123,10 @@ impl Application {
             }
             None => None,
         };
+        let metrics = match settings.telemetry.metrics_listen {
+            Some(addr) => Some(MetricsListener::bind(addr).await?),
+            None => None,
+        };
         let (health, health_server) = Health::new(Method::SERVICE).await;
         health.set_database_ok(store.check().await.is_ok()).await;
 
@@ -128,9 +136,11 @@ impl Application {
             UserManagerServer::new(UserManagerService::new(store.clone(), health.clone()))
                 .max_decoding_message_size(limits.max_message_bytes)
                 .max_encoding_message_size(limits.max_message_bytes);
-        // Outermost first: the trace sees every status the layers inside it
-        // answer with; the drain is innermost, so every layer sees its end.
+        // Outermost first: metrics and the trace see every status the layers
+        // inside them answer with (auth and limits refusals included); the
+        // drain is innermost, so every layer sees its end.
         let router = limits::apply(Server::builder(), limits)
+            .layer(RpcMetricsLayer::new())
             .layer(RpcTraceLayer::new())
             .layer(AuthLayer::new(authorizer))
             .layer(limits::LimitsLayer::new(limits))
@@ -179,12 +189,18 @@ impl Application {
             stop_accepting,
             drain_trigger,
             health_only,
+            metrics,
             tls,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address `telemetry.metrics_listen` bound, if set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsListener::local_addr)
     }
 
     /// Serves until SIGTERM or SIGINT.
@@ -205,6 +221,7 @@ impl Application {
             stop_accepting,
             drain_trigger,
             health_only,
+            metrics,
             tls,
             ..
         } = self;
@@ -224,6 +241,9 @@ impl Application {
                 .abort_handle(),
             );
         }
+        // Scrapes keep working through the drain; the listener and its
+        // connections close with the server, before this returns.
+        let metrics = metrics.map(|metrics| tokio::spawn(metrics.serve()));
         if let Some(tls) = tls {
             let interval = ms(server_settings.tls.reload_interval_ms);
             background.0.push(
@@ -239,6 +259,7 @@ impl Application {
         };
         checker.abort();
         if let Some(result) = ended_early {
+            stop_serving_metrics(metrics).await;
             store.close().await;
             return result.context("server task")?.context("serving gRPC");
         }
@@ -274,9 +295,19 @@ impl Application {
                 Ok(())
             }
         };
+        stop_serving_metrics(metrics).await;
         store.close().await;
         tracing::info!("shutdown complete");
         served
+    }
+}
+
+/// Ends the metrics listener's task and waits until it is gone: its
+/// listener and connections are closed when this returns.
+async fn stop_serving_metrics(task: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(task) = task {
+        task.abort();
+        let _ = task.await;
     }
 }
 

@@ -207,6 +207,10 @@ pub struct ReflectionSettings {
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     pub otlp_endpoint: String,
+    /// A plaintext HTTP listener serving Prometheus metrics at `/metrics`;
+    /// `""` for none.
+    #[serde(deserialize_with = "optional_socket_addr")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `database.url` picks the backend by its scheme; each backend's own keys

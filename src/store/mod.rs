@@ -6,7 +6,7 @@
 mod postgres;
 mod sqlite;
 
-use std::future::Future;
+use std::{future::Future, time::Instant};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -15,6 +15,7 @@ pub use crate::error::StoreError;
 use crate::{
     config::{Backend, DatabaseSettings},
     domain::{User, UserId, UserType},
+    instruments::{self, DbOperation, DbSystem},
 };
 
 /// The backend `database.url` names.
@@ -47,6 +48,24 @@ impl Store {
     }
 }
 
+impl Store {
+    fn system(&self) -> DbSystem {
+        match self {
+            Store::Sqlite(_) => DbSystem::Sqlite,
+            Store::Postgres(_) => DbSystem::Postgres,
+        }
+    }
+
+    /// Runs `operation`, recording its duration as
+    /// `db.client.operation.duration`: one place for both backends.
+    async fn timed<T>(&self, op: DbOperation, operation: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let result = operation.await;
+        instruments::get().db_operation(self.system(), op, started.elapsed().as_secs_f64());
+        result
+    }
+}
+
 /// Runs `$call` on whichever backend `$store` is.
 macro_rules! delegate {
     ($store:expr, $s:ident => $call:expr) => {
@@ -63,23 +82,38 @@ impl UserStore for Store {
     }
 
     async fn seed(&self, users: &[User]) -> Result<SeedOutcome, StoreError> {
-        delegate!(self, s => s.seed(users).await)
+        self.timed(DbOperation::Seed, async {
+            delegate!(self, s => s.seed(users).await)
+        })
+        .await
     }
 
     async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        delegate!(self, s => s.get(id).await)
+        self.timed(DbOperation::Get, async {
+            delegate!(self, s => s.get(id).await)
+        })
+        .await
     }
 
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
-        delegate!(self, s => s.get_many(ids).await)
+        self.timed(DbOperation::GetMany, async {
+            delegate!(self, s => s.get_many(ids).await)
+        })
+        .await
     }
 
     async fn count_existing(&self, ids: &[UserId]) -> Result<u64, StoreError> {
-        delegate!(self, s => s.count_existing(ids).await)
+        self.timed(DbOperation::CountExisting, async {
+            delegate!(self, s => s.count_existing(ids).await)
+        })
+        .await
     }
 
     async fn add(&self, user: User) -> Result<AddOutcome, StoreError> {
-        delegate!(self, s => s.add(user).await)
+        self.timed(DbOperation::Add, async {
+            delegate!(self, s => s.add(user).await)
+        })
+        .await
     }
 
     async fn page_by_type(
@@ -88,11 +122,17 @@ impl UserStore for Store {
         after: Option<UserId>,
         limit: u32,
     ) -> Result<Vec<User>, StoreError> {
-        delegate!(self, s => s.page_by_type(user_type, after, limit).await)
+        self.timed(DbOperation::PageByType, async {
+            delegate!(self, s => s.page_by_type(user_type, after, limit).await)
+        })
+        .await
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        delegate!(self, s => s.check().await)
+        self.timed(DbOperation::Check, async {
+            delegate!(self, s => s.check().await)
+        })
+        .await
     }
 
     async fn close(&self) {

@@ -23,6 +23,8 @@ pub fn test_settings(dir: &Path) -> Settings {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The metrics listener's address, when `telemetry.metrics_listen` is set.
+    pub metrics: Option<SocketAddr>,
     pub dir: TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -68,12 +70,14 @@ pub async fn spawn_app_in(dir: TempDir, adjust: impl FnOnce(&mut Settings)) -> T
     adjust(&mut settings);
     let app = Application::build(settings).await.expect("server builds");
     let addr = app.local_addr();
+    let metrics = app.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
     TestApp {
         addr,
+        metrics,
         dir,
         stop: Some(stop),
         task,

@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod grpc_frame;
+pub mod metrics;
 pub mod postgres;
 pub mod process;
 pub mod raw_grpc;

@@ -29,6 +29,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub const READY: &str = "user-manager ready to serve";
 /// The event that names the health-only listener's address, with `listen`.
 pub const HEALTH_LISTENER: &str = "health-only plaintext listener";
+/// The event that names the metrics listener's address, with `listen`.
+pub const METRICS_LISTENER: &str = "metrics listener";
 
 /// `user-manager` with a clean environment: its database in a directory,
 /// the repository's seed, port 0 on loopback, JSON logs at `info`.
@@ -101,6 +103,11 @@ impl Binary {
         self.env("USER_MANAGER__SERVER__HEALTH_LISTEN", "127.0.0.1:0")
     }
 
+    /// The Prometheus metrics listener on port 0 too.
+    pub fn metrics_listener(self) -> Self {
+        self.env("USER_MANAGER__TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
+    }
+
     /// The command line, for running a subcommand to completion.
     pub fn command(&self) -> Command {
         let mut command = match self.wrapper.split_first() {
@@ -159,6 +166,8 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
     /// The address `server.health_listen` bound, if set.
     pub health: Option<SocketAddr>,
+    /// The address `telemetry.metrics_listen` bound, if set.
+    pub metrics: Option<SocketAddr>,
     child: Child,
     name: String,
     lines: Arc<Mutex<Vec<(Source, String)>>>,
@@ -191,6 +200,7 @@ impl ServerProcess {
         let mut server = ServerProcess {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             health: None,
+            metrics: None,
             name: format!("{} {}", name.trim_matches('"'), child.id()),
             child,
             lines: Arc::default(),
@@ -205,6 +215,7 @@ impl ServerProcess {
         ];
         server.addr = server.logged_addr(READY).await;
         server.health = server.find_addr(HEALTH_LISTENER);
+        server.metrics = server.find_addr(METRICS_LISTENER);
         server
     }
 
@@ -279,6 +290,14 @@ impl ServerProcess {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `GET /metrics` on the metrics listener: the Prometheus text.
+    pub async fn scrape(&self) -> super::metrics::Scrape {
+        let addr = self.metrics.expect("started with a metrics listener");
+        let (status, body) = super::metrics::http_get(addr, "/metrics").await;
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        super::metrics::Scrape::parse(&body)
     }
 
     pub fn health_url(&self) -> Option<String> {

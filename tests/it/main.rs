@@ -23,6 +23,7 @@ mod deploy;
 mod drain;
 mod e2e;
 mod k8s;
+mod metrics;
 mod monitoring;
 mod newcomer;
 mod ops;

@@ -5,4 +5,5 @@ pub(crate) mod auth;
 pub(crate) mod deadline;
 pub(crate) mod drain;
 pub(crate) mod limits;
+pub(crate) mod metrics;
 pub(crate) mod trace;

@@ -4,7 +4,10 @@
 use std::{
     convert::Infallible,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -18,6 +21,7 @@ use tokio::{
 use tokio_rustls::server::TlsStream;
 
 use super::ReloadingTls;
+use crate::instruments::{self, Limit, TlsFailure};
 
 /// A client that hasn't finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,8 +76,15 @@ impl AcceptLoop {
             // connections wait in the kernel's backlog (and past it, their
             // SYNs are retried) until a handshake ends or times out, and
             // the flood costs no task or buffer beyond the cap.
-            let Ok(permit) = self.handshakes.clone().acquire_owned().await else {
-                return;
+            let permit = match self.handshakes.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    instruments::get().limit_refused(Limit::MaxConcurrentTlsHandshakes);
+                    let Ok(permit) = self.handshakes.clone().acquire_owned().await else {
+                        return;
+                    };
+                    permit
+                }
             };
             let (tcp, peer) = match self.listener.accept().await {
                 Ok(connection) => connection,
@@ -95,8 +106,24 @@ impl AcceptLoop {
                     Ok(Ok(stream)) => {
                         let _ = handshaken.send(stream).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        let reason = failure_reason(&e);
+                        instruments::get().tls_failed(reason);
+                        if reason == TlsFailure::ClientCertificateRejected && warn_now() {
+                            tracing::warn!(
+                                %peer,
+                                error = %e,
+                                "TLS handshake failed: client certificate rejected \
+                                 (at most one such line every 10 s)"
+                            );
+                        } else {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                    }
+                    Err(_) => {
+                        instruments::get().tls_failed(TlsFailure::Timeout);
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }
@@ -120,4 +147,38 @@ impl Drop for TlsIncoming {
             accepting.abort();
         }
     }
+}
+
+/// What a failed handshake's error says went wrong: rustls reports its own
+/// error inside the I/O error it returns.
+fn failure_reason(e: &std::io::Error) -> TlsFailure {
+    use tokio_rustls::rustls::Error as Tls;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Tls>()) {
+        Some(Tls::InvalidCertificate(_)) => TlsFailure::ClientCertificateRejected,
+        Some(Tls::NoCertificatesPresented) => TlsFailure::NoClientCertificate,
+        Some(_) => TlsFailure::Protocol,
+        None if e.kind() == std::io::ErrorKind::InvalidData => TlsFailure::Protocol,
+        None => TlsFailure::Io,
+    }
+}
+
+/// Rejected client certificates log at warn, at most once per
+/// [`WARN_EVERY`]: a misconfigured client shows, a flood does not fill the log.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+fn warn_now() -> bool {
+    static START: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    static NEXT_MS: AtomicU64 = AtomicU64::new(0);
+    let now = u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let next = NEXT_MS.load(Ordering::Relaxed);
+    now >= next
+        && NEXT_MS
+            .compare_exchange(
+                next,
+                now + WARN_EVERY.as_millis() as u64,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
 }

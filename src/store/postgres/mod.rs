@@ -9,6 +9,7 @@
 //! replica sees it at once (read committed, one primary).
 
 mod errors;
+mod metrics;
 mod queries;
 mod seed;
 
@@ -68,6 +69,7 @@ impl PostgresStore {
             // before a call uses it, and replaced.
             .test_before_acquire(true)
             .connect_lazy_with(options);
+        metrics::observe_pool(&pool, settings.max_connections);
         Ok(Self {
             pool,
             check_timeout: connect_timeout,

@@ -11,7 +11,23 @@ use std::{
     sync::Mutex,
 };
 
+use opentelemetry::metrics::ObservableGauge;
+
 use crate::store::StoreError;
+
+/// The WAL's size in bytes, 0 while there is none: it grows between
+/// checkpoints, so a size that keeps rising means checkpoints can't keep up.
+fn wal_size_gauge(wal: PathBuf) -> ObservableGauge<u64> {
+    crate::instruments::meter()
+        .u64_observable_gauge("user_manager.db.sqlite.wal.size")
+        .with_unit("By")
+        .with_description("Size of the SQLite write-ahead log")
+        .with_callback(move |observer| {
+            let size = std::fs::metadata(&wal).map_or(0, |meta| meta.len());
+            observer.observe(size, &[]);
+        })
+        .build()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct FileId {
@@ -41,6 +57,8 @@ pub(super) struct DbFile {
     path: PathBuf,
     wal: PathBuf,
     opened: Mutex<Opened>,
+    /// `user_manager.db.sqlite.wal.size`, read from the file at each collection.
+    _wal_size: ObservableGauge<u64>,
 }
 
 struct Opened {
@@ -60,6 +78,7 @@ impl DbFile {
                 wal: id_of(&wal).ok(),
             }),
             path,
+            _wal_size: wal_size_gauge(wal.clone()),
             wal,
         })
     }

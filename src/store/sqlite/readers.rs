@@ -57,10 +57,13 @@ impl Readers {
     }
 
     pub(super) async fn acquire(&self) -> Result<Reader<'_>, sqlx::Error> {
+        let waiting = std::time::Instant::now();
         let permit = tokio::time::timeout(self.wait, self.permits.acquire())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(|_| sqlx::Error::PoolClosed)?;
+        let waited = waiting.elapsed().as_secs_f64();
+        crate::instruments::get().db_connection_wait(crate::instruments::DbSystem::Sqlite, waited);
         let generation = self.generation.load(Ordering::Acquire);
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match idle {

@@ -41,6 +41,7 @@ pub(super) async fn run_writer(
         if batch.is_empty() {
             continue;
         }
+        crate::instruments::get().group_commit(batch.len());
         let result = match writer.lock().await.as_mut() {
             Some(conn) => insert_batch(conn, &batch, file.as_deref()).await,
             None => Err(closed()),

@@ -13,7 +13,10 @@ use tonic::{
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 
-use crate::config::LimitsSettings;
+use crate::{
+    config::LimitsSettings,
+    instruments::{self, Limit},
+};
 
 /// The bounds, and what is in flight under them.
 pub(super) struct Shedder {
@@ -43,6 +46,7 @@ impl Shedder {
     ) -> Result<Permits, Status> {
         let connection = match connection_key(extensions) {
             Some(key) => Some(self.per_connection.enter(key).ok_or_else(|| {
+                instruments::get().limit_refused(Limit::MaxCallsPerConnection);
                 Status::resource_exhausted(format!(
                     "too many calls in flight on this connection (at most {}); \
                      retry later or spread calls over more connections",
@@ -53,6 +57,7 @@ impl Shedder {
         };
         let stream = if streaming {
             Some(self.open_streams.clone().try_acquire_owned().map_err(|_| {
+                instruments::get().limit_refused(Limit::MaxOpenStreams);
                 Status::resource_exhausted(format!(
                     "too many open streams on this server (at most {}); retry later",
                     self.max_open_streams

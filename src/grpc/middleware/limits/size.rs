@@ -5,7 +5,10 @@ use std::{ops::ControlFlow, task::Poll};
 
 use tonic::Status;
 
-use crate::grpc::body::{EndAs, FrameScanner, Hooks, Polled};
+use crate::{
+    grpc::body::{EndAs, FrameScanner, Hooks, Polled},
+    instruments::{self, Limit},
+};
 
 /// Fails a request body with RESOURCE_EXHAUSTED at the first message whose
 /// length prefix is over the limit. (tonic's own check answers OUT_OF_RANGE,
@@ -61,6 +64,7 @@ impl Hooks for SizeCheck {
             && let Some(data) = frame.data_ref()
             && let Some(length) = self.oversized(data)
         {
+            instruments::get().limit_refused(Limit::MaxMessageBytes);
             return Some(Status::resource_exhausted(format!(
                 "a request message of {length} bytes is over this server's limit of {} bytes",
                 self.limit

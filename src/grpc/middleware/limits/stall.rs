@@ -20,7 +20,10 @@ use tokio::{
 use tonic::{Status, body::Body, codegen::Bytes};
 
 use super::shedding::Permits;
-use crate::grpc::body::{Hooks, Polled, Wrapped};
+use crate::{
+    grpc::body::{Hooks, Polled, Wrapped},
+    instruments::{self, Limit},
+};
 
 /// A response body that holds the call's permits until it ends or is
 /// dropped (the client cancelled), and, for a stream (`stall` set), ends the
@@ -101,6 +104,7 @@ async fn watch_stall(call: Arc<Call>, limit: Duration, mut stopped: oneshot::Rec
             let ended = live.take();
             drop(live);
             drop(ended);
+            instruments::get().limit_refused(Limit::StreamStallTimeout);
             tracing::info!(
                 ?limit,
                 "a stream's client read nothing for stream_stall_timeout_ms; ended its call"

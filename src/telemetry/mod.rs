@@ -1,4 +1,5 @@
-//! Logging and traces through `tracing`.
+//! Logging and traces through `tracing`; metrics (in [`metrics`], served by
+//! [`endpoint`]).
 //!
 //! Logs: human-readable or JSON lines, filtered by `log.level`; JSON lines
 //! written inside a traced span carry its `trace_id` and `span_id`.
@@ -9,6 +10,12 @@
 //! straight through.
 //! The standard `OTEL_*` variables for the service name, resource, sampler,
 //! propagators, batching and exporter work as the specification says.
+//!
+//! Metrics: one meter provider with an OTLP reader (same endpoint) and a
+//! Prometheus reader (`telemetry.metrics_listen`); see [`metrics`].
+
+pub mod endpoint;
+mod metrics;
 
 use std::{
     io::IsTerminal as _,
@@ -25,6 +32,7 @@ use opentelemetry::{
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
+    metrics::SdkMeterProvider,
     propagation::{BaggagePropagator, TraceContextPropagator},
     resource::{EnvResourceDetector, TelemetryResourceDetector},
     trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider},
@@ -60,10 +68,11 @@ pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
-/// Keeps the tracer provider, to flush it on shutdown.
+/// Keeps the tracer and meter providers, to flush them on shutdown.
 #[must_use = "spans are lost unless the guard is shut down"]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl TelemetryGuard {
@@ -71,18 +80,24 @@ impl TelemetryGuard {
     /// [`SHUTDOWN_TIMEOUT`]. Call after the server drained, inside the runtime:
     /// the exporter's connection runs on it.
     pub async fn shutdown(self) {
-        let Some(provider) = self.provider else {
-            return;
-        };
         // The SDK blocks while it flushes; a blocking thread leaves the runtime's
-        // workers free to drive the export itself.
-        let flushed =
+        // workers free to drive the export itself. Both at once: the exit
+        // stays within one SHUTDOWN_TIMEOUT.
+        let spans = self.provider.map(|provider| {
             tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT))
+        });
+        let meters = self.meters.map(|meters| {
+            tokio::task::spawn_blocking(move || meters.shutdown_with_timeout(SHUTDOWN_TIMEOUT))
+        });
+        for (what, task) in [("spans", spans), ("metrics", meters)] {
+            let Some(task) = task else { continue };
+            let flushed = task
                 .await
                 .map_err(anyhow::Error::from)
                 .and_then(|result| result.map_err(anyhow::Error::from));
-        if let Err(e) = flushed {
-            tracing::warn!(error = %e, "flushing spans on shutdown");
+            if let Err(e) = flushed {
+                tracing::warn!(error = %e, "flushing {what} on shutdown");
+            }
         }
     }
 }
@@ -96,9 +111,13 @@ pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
         std::io::stdout,
         colour(std::io::stdout().is_terminal()),
     )?;
+    let readers = metrics::readers(settings, |name| std::env::var(name).ok());
     let Some(endpoint) = otlp_endpoint(&settings.telemetry.otlp_endpoint) else {
         tracing_subscriber::registry().with(logs).try_init()?;
-        return Ok(TelemetryGuard { provider: None });
+        return Ok(TelemetryGuard {
+            provider: None,
+            meters: metrics::init(&readers)?,
+        });
     };
     let provider = tracer_provider(endpoint)?;
     tracing_subscriber::registry()
@@ -109,6 +128,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<TelemetryGuard> {
     EXPORTING.store(true, Ordering::Relaxed);
     Ok(TelemetryGuard {
         provider: Some(provider),
+        meters: metrics::init(&readers)?,
     })
 }
 
