@@ -697,6 +697,27 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
             pod.image.exposed.contains(&port),
             "{dir}: the image EXPOSEs {port}"
         );
+        // /metrics where the port and the scrape annotations say.
+        let metrics = settings
+            .telemetry
+            .metrics_listen
+            .unwrap_or_else(|| panic!("{dir}: telemetry.metrics_listen is set"))
+            .port();
+        let metrics_port = server
+            .ports
+            .iter()
+            .find(|p| p.name == "metrics")
+            .unwrap_or_else(|| panic!("{dir}: a port named metrics"));
+        assert_eq!(
+            metrics_port.container_port, metrics,
+            "{dir}: containerPort vs telemetry.metrics_listen"
+        );
+        let annotations = &m.workload.spec.template.metadata.annotations;
+        assert_eq!(
+            annotations.get("prometheus.io/port"),
+            Some(&metrics.to_string()),
+            "{dir}: the scrape annotation"
+        );
         let probes = [
             (&server.startup_probe, "liveness"),
             (&server.readiness_probe, "readiness"),

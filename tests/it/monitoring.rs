@@ -20,11 +20,14 @@ use rcgen::{CertificateParams, KeyPair};
 use serde_json::Value as Json;
 use serde_norway::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use user_manager::proto::{UserRequest, UserTypeRequest};
+use user_manager::{
+    config::{Settings, Sources},
+    proto::{UserRequest, UserTypeRequest},
+};
 
 use crate::{
     common::{
-        Binary, ServerProcess,
+        Binary, ServerProcess, grpc_frame, postgres, raw_grpc_call,
         tools::{REPO, run_tool, success},
         user,
     },
@@ -653,40 +656,21 @@ fn check_compose(compose: &Value) {
     assert_eq!(grafana["ports"][0]["published"].as_u64(), Some(3000));
 }
 
-/// The port of `telemetry.metrics_listen` in the deployments' config file:
-/// what compose, the pod's port and annotations and the ServiceMonitor use.
+/// The port of `telemetry.metrics_listen` in the deployments' config file,
+/// as the binary reads it: what compose, the pod's port and annotations and
+/// the ServiceMonitor use.
 fn metrics_port() -> u16 {
-    let config: toml_port::Config = toml_port::read(&read("deploy/k8s/base/config.toml"));
-    config.port
-}
-
-/// `telemetry.metrics_listen` read from the TOML text (its port).
-mod toml_port {
-    pub struct Config {
-        pub port: u16,
-    }
-
-    pub fn read(text: &str) -> Config {
-        let mut section = "";
-        for line in text.lines().map(str::trim) {
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-                section = name;
-            } else if section == "telemetry"
-                && let Some(value) = line.strip_prefix("metrics_listen")
-            {
-                let value = value
-                    .trim_start()
-                    .trim_start_matches('=')
-                    .trim()
-                    .trim_matches('"');
-                let port = value.rsplit_once(':').expect("HOST:PORT").1;
-                return Config {
-                    port: port.parse().expect("a port"),
-                };
-            }
-        }
-        panic!("deploy/k8s/base/config.toml sets no telemetry.metrics_listen")
-    }
+    let settings = Settings::load_from(Sources {
+        app_env: None,
+        file: Some(Path::new(REPO).join("deploy/k8s/base/config.toml")),
+        env: Some(Default::default()),
+    })
+    .unwrap();
+    settings
+        .telemetry
+        .metrics_listen
+        .expect("deploy/k8s/base/config.toml sets telemetry.metrics_listen")
+        .port()
 }
 
 /// One copy of each file: nothing under deploy/ repeats the dashboard or
@@ -992,18 +976,29 @@ fn substitute(expr: &str) -> String {
 }
 
 /// Calls of every method and outcome the dashboard and the rules look at:
-/// OK and NOT_FOUND, the three streaming methods, writes (group commits, the
-/// WAL), and a message over the size limit (a limit refusal).
+/// OK; a client error (INVALID_ARGUMENT: GetUser's not-found is an OK answer
+/// with `error` set, not a status); a server fault (UNIMPLEMENTED, an
+/// unknown method, `_OTHER`), so the error ratio's numerator has a series;
+/// the three streaming methods; writes (group commits, the WAL); and a
+/// message over the size limit (a limit refusal).
 async fn drive_load(server: &ServerProcess, round: u32) {
     let mut client = server.client().await;
     for id in 1..=5 {
         client.get_user(UserRequest { id }).await.unwrap();
     }
-    let missing = client
-        .get_user(UserRequest { id: 999_999 })
-        .await
-        .unwrap_err();
-    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let missing = client.get_user(UserRequest { id: 999_999 }).await.unwrap();
+    assert!(missing.into_inner().error, "not found, in band");
+    let invalid = client.add_user(user(0, "", 1)).await.unwrap_err();
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
+    let unknown = raw_grpc_call(
+        server.addr,
+        "/UserManager/NoSuchMethod",
+        &[],
+        grpc_frame(&UserRequest { id: 1 }),
+        false,
+    )
+    .await;
+    assert_eq!(unknown.grpc_status, Some(tonic::Code::Unimplemented as i32));
     let id = 10_000 + round;
     client
         .add_user(user(id, &format!("load{id}"), 1))
@@ -1044,9 +1039,10 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     (cert_path, key_path)
 }
 
-/// The key test: two instances of the real binary (one plaintext under load,
-/// one TLS that fails a handshake), a real Prometheus scraping both every
-/// second and evaluating the rules, and every query of the dashboard and of
+/// The key test: three instances of the real binary (plaintext under load on
+/// SQLite and on PostgreSQL, and one TLS that fails a handshake), a real
+/// Prometheus scraping them every second and evaluating the rules, and
+/// every query of the dashboard and of
 /// the rules must return data through Prometheus' HTTP API. An alert's
 /// expression is a comparison that is empty until it fires, so what is
 /// queried is its left-hand side, or the selector of an `absent(...)`
@@ -1055,22 +1051,30 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_scrapes_the_server_and_every_dashboard_and_alert_query_returns_data() {
     let dir = tempfile::tempdir().unwrap();
-    let (plain_dir, tls_dir) = (dir.path().join("plain"), dir.path().join("tls"));
-    std::fs::create_dir_all(&plain_dir).unwrap();
-    std::fs::create_dir_all(&tls_dir).unwrap();
-    let plain_metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let plain =
-        Binary::new(&plain_dir).env("USER_MANAGER__TELEMETRY__METRICS_LISTEN", plain_metrics);
+    let [plain_dir, tls_dir, postgres_dir] =
+        ["plain", "tls", "postgres"].map(|name| dir.path().join(name));
+    for dir in [&plain_dir, &tls_dir, &postgres_dir] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let plain = Binary::new(&plain_dir).metrics_listener();
     let (cert, key) = self_signed(&tls_dir);
-    let tls_metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let tls = Binary::new(&tls_dir)
         .health_listener()
-        .env("USER_MANAGER__TELEMETRY__METRICS_LISTEN", tls_metrics)
+        .metrics_listener()
         .env("USER_MANAGER__SERVER__TLS__CERT_PATH", cert.display())
         .env("USER_MANAGER__SERVER__TLS__KEY_PATH", key.display());
-    let (plain, tls) = tokio::join!(plain.start(), tls.start());
+    // PostgreSQL's pool gauges exist on that backend only.
+    let postgres = Binary::new(&postgres_dir).metrics_listener().env(
+        "USER_MANAGER__DATABASE__URL",
+        postgres::fresh_database().await,
+    );
+    let (plain, tls, postgres) = tokio::join!(plain.start(), tls.start(), postgres.start());
+    let targets: Vec<SocketAddr> = [&plain, &tls, &postgres]
+        .iter()
+        .map(|server| server.metrics.expect("the metrics listener's address"))
+        .collect();
 
-    let mut prometheus = Prometheus::start(&[plain_metrics, tls_metrics]);
+    let mut prometheus = Prometheus::start(&targets);
     prometheus.wait_ready().await;
 
     // A plaintext client on the TLS port: a failed handshake.
@@ -1106,6 +1110,7 @@ async fn prometheus_scrapes_the_server_and_every_dashboard_and_alert_query_retur
     let mut missing: Vec<&(String, String)>;
     loop {
         drive_load(&plain, round).await;
+        drive_load(&postgres, round).await;
         round += 1;
         missing = Vec::new();
         for query in &queries {
