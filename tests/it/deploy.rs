@@ -12,7 +12,8 @@
 //! directory: every path the container sees maps to the same path below it.
 //! Two things differ from a real container, as a port mapping would: the
 //! server listens on a free loopback port (after the test checked that the
-//! configured port is the one the probes use), and an OTLP endpoint outside
+//! configured port is the one the probes use), as does its metrics listener
+//! (checked against the pod's metrics port), and an OTLP endpoint outside
 //! the pod points at a loopback stand-in.
 
 use std::{
@@ -486,6 +487,14 @@ impl Launch {
     /// port mapped to the host. The address it bound is then the one the
     /// launch's `healthcheck` asks, as the container's own port would be.
     async fn serve(&mut self, rootfs: &Rootfs) -> ServerProcess {
+        // The metrics listener too, where it is on: two pods of a Deployment
+        // on this one machine would otherwise both bind its port.
+        if self.settings(rootfs).telemetry.metrics_listen.is_some() {
+            self.set_env(
+                "USER_MANAGER__TELEMETRY__METRICS_LISTEN",
+                "127.0.0.1:0".into(),
+            );
+        }
         self.set_env("USER_MANAGER__SERVER__LISTEN", "127.0.0.1:0".into());
         let server = ServerProcess::spawn(self.command(rootfs, &self.argv)).await;
         self.set_env("USER_MANAGER__SERVER__LISTEN", server.addr.to_string());
