@@ -624,10 +624,34 @@ fn check_compose(compose: &Value) {
         &std::fs::read_to_string(Path::new(REPO).join(config_file)).unwrap(),
     )
     .unwrap();
-    for rule_file in config["rule_files"].as_sequence().expect("rule_files") {
+    let mut on_this_machine = config.clone();
+    for (i, rule_file) in config["rule_files"]
+        .as_sequence()
+        .expect("rule_files")
+        .iter()
+        .enumerate()
+    {
         let mounted = &mounts[rule_file.as_str().unwrap()];
         assert_eq!(mounted, Path::new(ALERTS), "Prometheus loads the rules");
+        on_this_machine["rule_files"][i] =
+            Value::from(Path::new(REPO).join(mounted).to_str().unwrap());
     }
+    // promtool reads the config (and the rules it names) as Prometheus
+    // would, with the container's paths mapped to the repository's files.
+    let checked = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        checked.path(),
+        serde_norway::to_string(&on_this_machine).unwrap(),
+    )
+    .unwrap();
+    success(
+        &format!("promtool check config {config_file:?}"),
+        run_tool(
+            "promtool",
+            &["check", "config", checked.path().to_str().unwrap()],
+            PROMETHEUS_COMES_FROM,
+        ),
+    );
     let jobs = config["scrape_configs"].as_sequence().unwrap();
     let job = jobs
         .iter()
