@@ -431,9 +431,14 @@ fn dashboard() -> (Json, Vec<Panel>) {
     let mut panels = Vec::new();
     let mut rows = vec![dashboard["panels"].as_array().expect("panels")];
     let mut cells: Vec<(u64, u64, u64, u64, String)> = Vec::new();
+    let mut ids = BTreeSet::new();
     while let Some(list) = rows.pop() {
         for panel in list {
             let title = panel["title"].as_str().unwrap_or_default().to_owned();
+            let id = panel["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{title}: an id"));
+            assert!(ids.insert(id), "{title}: id {id} is taken");
             if panel["type"] == "row" {
                 rows.push(panel["panels"].as_array().unwrap());
                 continue;
