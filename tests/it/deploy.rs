@@ -12,7 +12,8 @@
 //! directory: every path the container sees maps to the same path below it.
 //! Two things differ from a real container, as a port mapping would: the
 //! server listens on a free loopback port (after the test checked that the
-//! configured port is the one the probes use), and an OTLP endpoint outside
+//! configured port is the one the probes use), as does its metrics listener
+//! (checked against the pod's metrics port), and an OTLP endpoint outside
 //! the pod points at a loopback stand-in.
 
 use std::{
@@ -37,10 +38,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use user_manager::config::{LogFormat, Settings, Sources};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-const KUSTOMIZATIONS: [&str; 3] = [
+const KUSTOMIZATIONS: [&str; 4] = [
     "deploy/k8s/base",
     "deploy/k8s/overlays/otlp",
     "deploy/k8s/overlays/production",
+    // The base plus deploy/monitoring; tests/it/monitoring.rs checks what
+    // the component adds (kubernetes-validate has no schema for its
+    // ServiceMonitor and warns).
+    "deploy/k8s/overlays/monitoring",
 ];
 /// The oldest Kubernetes the manifests need (the preStop sleep action is on
 /// by default from 1.30) and the newest one kubernetes-validate has schemas for.
@@ -482,6 +487,14 @@ impl Launch {
     /// port mapped to the host. The address it bound is then the one the
     /// launch's `healthcheck` asks, as the container's own port would be.
     async fn serve(&mut self, rootfs: &Rootfs) -> ServerProcess {
+        // The metrics listener too, where it is on: two pods of a Deployment
+        // on this one machine would otherwise both bind its port.
+        if self.settings(rootfs).telemetry.metrics_listen.is_some() {
+            self.set_env(
+                "USER_MANAGER__TELEMETRY__METRICS_LISTEN",
+                "127.0.0.1:0".into(),
+            );
+        }
         self.set_env("USER_MANAGER__SERVER__LISTEN", "127.0.0.1:0".into());
         let server = ServerProcess::spawn(self.command(rootfs, &self.argv)).await;
         self.set_env("USER_MANAGER__SERVER__LISTEN", server.addr.to_string());
@@ -693,6 +706,27 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
             pod.image.exposed.contains(&port),
             "{dir}: the image EXPOSEs {port}"
         );
+        // /metrics where the port and the scrape annotations say.
+        let metrics = settings
+            .telemetry
+            .metrics_listen
+            .unwrap_or_else(|| panic!("{dir}: telemetry.metrics_listen is set"))
+            .port();
+        let metrics_port = server
+            .ports
+            .iter()
+            .find(|p| p.name == "metrics")
+            .unwrap_or_else(|| panic!("{dir}: a port named metrics"));
+        assert_eq!(
+            metrics_port.container_port, metrics,
+            "{dir}: containerPort vs telemetry.metrics_listen"
+        );
+        let annotations = &m.workload.spec.template.metadata.annotations;
+        assert_eq!(
+            annotations.get("prometheus.io/port"),
+            Some(&metrics.to_string()),
+            "{dir}: the scrape annotation"
+        );
         let probes = [
             (&server.startup_probe, "liveness"),
             (&server.readiness_probe, "readiness"),
@@ -710,8 +744,14 @@ fn the_manifests_agree_with_the_image_and_the_service_configuration() {
             let [service_port] = &service.spec.ports[..] else {
                 panic!("{}: one port", service.metadata.name);
             };
-            assert_eq!(service_port.name, "grpc");
-            assert_eq!(service_port.target_port.as_str(), Some("grpc"));
+            // The gRPC Services, and deploy/monitoring's metrics Service.
+            let name = if service.metadata.name.ends_with("-metrics") {
+                "metrics"
+            } else {
+                "grpc"
+            };
+            assert_eq!(service_port.name, name, "{dir}");
+            assert_eq!(service_port.target_port.as_str(), Some(name), "{dir}");
         }
 
         // SIGKILL never cuts the drain short.

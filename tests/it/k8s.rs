@@ -26,6 +26,8 @@ pub struct Metadata {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The pods' controller: the base's StatefulSet (SQLite, one pod and its
@@ -258,6 +260,9 @@ pub struct Manifests {
     pub services: Vec<Service>,
     pub pdb: PodDisruptionBudget,
     pub hpa: Option<HorizontalPodAutoscaler>,
+    /// The Prometheus Operator's resources (deploy/monitoring), as rendered:
+    /// no schema here, tests/it/monitoring.rs checks their fields.
+    pub service_monitors: Vec<Value>,
     /// Every resource's labels.
     pub labels: Vec<(String, BTreeMap<String, String>)>,
 }
@@ -277,6 +282,7 @@ impl Manifests {
             Vec::new(),
             Vec::new(),
         );
+        let mut service_monitors = Vec::new();
         for document in serde_norway::Deserializer::from_str(rendered) {
             let resource = Value::deserialize(document).unwrap();
             let kind = resource["kind"].as_str().expect("kind").to_owned();
@@ -289,6 +295,7 @@ impl Manifests {
                 "Service" => services.push(parse(resource)),
                 "PodDisruptionBudget" => pdbs.push(parse(resource)),
                 "HorizontalPodAutoscaler" => hpas.push(parse(resource)),
+                "ServiceMonitor" => service_monitors.push(resource),
                 other => panic!("{dir} renders an unexpected {other}"),
             }
         }
@@ -304,6 +311,7 @@ impl Manifests {
             services,
             pdb: pdbs.remove(0),
             hpa: hpas.pop(),
+            service_monitors,
             labels,
         }
     }

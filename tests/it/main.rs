@@ -4,7 +4,8 @@
 //! module path, e.g. `cargo nextest run --test it -- e2e::`.
 //!
 //! The modules that need tools besides Rust (`e2e`: grpcurl and Python
-//! grpcio; `deploy`: kubectl, kubernetes-validate, docker-compose, hadolint)
+//! grpcio; `deploy`: kubectl, kubernetes-validate, docker-compose, hadolint;
+//! `monitoring`: prometheus and promtool, besides deploy's)
 //! are here too rather than in a binary of their own: a second binary would
 //! link everything again, while a name filter selects them just as well, and
 //! a missing tool fails its test saying where the tool comes from.
@@ -23,6 +24,7 @@ mod drain;
 mod e2e;
 mod k8s;
 mod metrics;
+mod monitoring;
 mod newcomer;
 mod ops;
 mod replicas;

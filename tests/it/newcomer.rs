@@ -328,6 +328,46 @@ fn scripts_test_names_what_it_cannot_install_before_building() {
     );
 }
 
+/// Past kubectl, Prometheus (tests/it/monitoring.rs) is named the same way,
+/// with the exact command that installs it.
+#[test]
+fn scripts_test_names_a_missing_prometheus_before_building() {
+    // The shell, and a kubectl that passes `command -v`; no prometheus,
+    // promtool or cargo.
+    let bin = tempfile::tempdir().unwrap();
+    for (name, tool) in [
+        ("bash", "bash"),
+        ("dirname", "dirname"),
+        ("kubectl", "true"),
+    ] {
+        let found = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join(tool))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("{tool} is not in /usr/bin or /bin"));
+        std::os::unix::fs::symlink(found, bin.path().join(name)).unwrap();
+    }
+    let started = Instant::now();
+    let out = Command::new("/usr/bin/env")
+        .arg("bash")
+        .arg(Path::new(REPO).join("scripts/test"))
+        .env_clear()
+        .env("PATH", bin.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("missing prometheus") && stderr.contains("apt-get install prometheus"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it built first"
+    );
+}
+
 #[test]
 fn scripts_grpcurl_runs_the_pinned_grpcurl() {
     // Installs it into target/test-venv first if scripts/test has not.
