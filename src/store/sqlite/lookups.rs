@@ -2,14 +2,16 @@
 //! thread of a sqlx connection (a channel send, a wake-up, the answer sent
 //! back, another wake-up): it costs more than SQLite's lookup itself, and
 //! with many callers those thread switches are most of the server's CPU (see
-//! BENCHMARKS.md). So a caller that finds a read connection idle runs its
-//! own query at once, exactly as a lone caller always did; one that finds
-//! every connection busy queues its ids, and the next free connection
-//! answers everything queued with one query, whose rows carry the position
-//! of the id that found them so each caller gets its own answer back.
+//! BENCHMARKS.md). So a lone caller (no other lookup under way) runs its own
+//! query at once, exactly as it always did; any other queues its ids, and
+//! the next free connection answers everything queued with one query that
+//! gives each caller's ids their own answer.
 //! The writes' group commit (`writer.rs`) is the same idea.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -67,18 +69,36 @@ struct Queued {
 pub(super) struct Lookups {
     readers: Arc<Readers>,
     queue: mpsc::Sender<Queued>,
+    /// Lookups under way, run alone or queued.
+    busy: Arc<AtomicUsize>,
+}
+
+/// Counts a lookup as under way until dropped.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Lookups {
-    /// Starts one task per read connection that may be open; they end when
-    /// the last `Lookups` is dropped. Must be called inside a tokio runtime.
+    /// Starts the tasks that answer queued lookups, one per core (more
+    /// queries at once than cores only makes each batch smaller), at most
+    /// one per read connection; they end when the last `Lookups` is dropped.
+    /// Must be called inside a tokio runtime.
     pub(super) fn start(readers: Arc<Readers>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..readers.max() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for _ in 0..cores.min(readers.max() as usize).max(1) {
             tokio::spawn(serve(rx.clone(), readers.clone()));
         }
-        Self { readers, queue }
+        Self {
+            readers,
+            queue,
+            busy: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// The users among `ids`, in the order asked, repeats included.
@@ -103,9 +123,12 @@ impl Lookups {
         want: Want,
         context: &str,
     ) -> Result<Found, StoreError> {
-        // An idle connection: nobody is queued (a freed connection goes to a
-        // waiting task first), so this read is alone and runs as it is.
-        if let Some(mut conn) = self.readers.try_acquire() {
+        let alone_now = self.busy.fetch_add(1, Ordering::Relaxed) == 0;
+        let _busy = Busy(&self.busy);
+        // The only lookup under way, with a connection idle: it runs as it is.
+        // Otherwise it joins the queue, even with a connection idle: lookups
+        // answered one by one while others wait would make every batch small.
+        if alone_now && let Some(mut conn) = self.readers.try_acquire() {
             return alone(&mut conn, &ids, want, context).await;
         }
         let (reply, found) = oneshot::channel();
