@@ -17,12 +17,10 @@ use crate::{
 /// Ids looked up in one query at most, from what a client stream has already
 /// delivered: big enough to amortise a query, small enough to stay prompt.
 const ID_BATCH: usize = 512;
-/// Users read per page by GetUsersByType; a stream holds at most two pages:
-/// the one being sent and the next, read meanwhile.
+/// Users read per page by GetUsersByType; a stream holds at most one page.
+/// (Reading the next page while sending this one was measured: on two cores
+/// shared with the clients it cost more CPU than it saved time.)
 const TYPE_PAGE: u32 = 512;
-/// Batches of a client stream whose queries run at once: the next one's
-/// overlaps the sending (or the reading) of the one before.
-const PIPELINE: usize = 2;
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<UserResponse, Status>> + Send>>;
 
@@ -85,29 +83,18 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         request: Request<Streaming<UserRequest>>,
     ) -> Result<Response<UserCntResponse>, Status> {
         self.available()?;
-        let store = self.store.clone();
         // Full batches, not whatever has arrived: the answer comes at the end
         // anyway, and a short call's ids go in one query instead of a few.
-        // The next batch is read, and its query run, while this one's runs.
-        let mut counts = request
-            .into_inner()
-            .chunks(ID_BATCH)
-            .map(move |batch| {
-                let store = store.clone();
-                async move {
-                    let (ids, failed) = split_batch(batch);
-                    let n = if ids.is_empty() {
-                        0
-                    } else {
-                        store.count_existing(&ids).await?
-                    };
-                    failed.map_or(Ok(n), Err)
-                }
-            })
-            .buffered(PIPELINE);
+        let mut batches = request.into_inner().chunks(ID_BATCH);
         let mut count: u64 = 0;
-        while let Some(n) = counts.next().await {
-            count += n?;
+        while let Some(batch) = batches.next().await {
+            let (ids, failed) = split_batch(batch);
+            if !ids.is_empty() {
+                count += self.store.count_existing(&ids).await?;
+            }
+            if let Some(status) = failed {
+                return Err(status);
+            }
         }
         let user_cnt = u32::try_from(count)
             .map_err(|_| Status::out_of_range("more than 2^32-1 existing ids were sent"))?;
@@ -147,47 +134,43 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         let answers = request
             .into_inner()
             .ready_chunks(ID_BATCH)
-            .map(move |batch| {
+            .then(move |batch| {
                 let store = store.clone();
                 async move {
                     let (ids, failed) = split_batch(batch);
                     let users = if ids.is_empty() {
                         Vec::new()
                     } else {
-                        detached(async move { store.get_many(&ids).await }).await?
+                        run_detached(async move { store.get_many(&ids).await }).await?
                     };
                     let answers = users.into_iter().map(|u| Ok(found(u)));
                     Ok::<_, Status>(stream::iter(answers.chain(failed.map(Err))))
                 }
             })
-            // The next batch's query runs while this one's answers are sent.
-            .buffered(PIPELINE)
             .try_flatten();
         Ok(Response::new(Box::pin(answers)))
     }
 }
 
-/// Every user of `user_type` in ascending id order, a page at a time: the
-/// next page is read while the current one is sent, and no further. Memory
-/// stays at two pages, and no connection or transaction is held while the
-/// client is slow to read.
+/// Every user of `user_type` in ascending id order, read one page at a time
+/// when the previous page has been sent: memory stays at one page, and no
+/// connection or transaction is held while the client is slow to read.
 fn users_of_type<S: UserStore>(
     store: S,
     user_type: UserType,
 ) -> impl Stream<Item = Result<User, Status>> + Send {
-    let first = read_page(store.clone(), user_type, None);
-    // The state is the page being read, or None once a short page ended it.
-    stream::try_unfold(Some(first), move |reading| {
+    // The state is the cursor of the next page, or None once a short page ended it.
+    stream::try_unfold(Some(None), move |cursor: Option<Option<UserId>>| {
         let store = store.clone();
         async move {
-            let Some(reading) = reading else {
+            let Some(after) = cursor else {
                 return Ok(None);
             };
-            let page = reading.await?;
+            let page =
+                run_detached(async move { store.page_by_type(user_type, after, TYPE_PAGE).await })
+                    .await?;
             let next = match page.last() {
-                Some(last) if page.len() == TYPE_PAGE as usize => {
-                    Some(read_page(store, user_type, Some(last.id)))
-                }
+                Some(last) if page.len() == TYPE_PAGE as usize => Some(Some(last.id)),
                 _ => None,
             };
             Ok::<_, Status>(Some((stream::iter(page.into_iter().map(Ok)), next)))
@@ -196,30 +179,17 @@ fn users_of_type<S: UserStore>(
     .try_flatten()
 }
 
-/// Starts reading the page after `after` now (see [`detached`]).
-fn read_page<S: UserStore>(
-    store: S,
-    user_type: UserType,
-    after: Option<UserId>,
-) -> impl Future<Output = Result<Vec<User>, Status>> + Send {
-    detached(async move { store.page_by_type(user_type, after, TYPE_PAGE).await })
-}
-
-/// Starts a query of a response stream on its own task now; the future
-/// returned gives its result. The stream is polled only while its client
-/// reads (HTTP/2 flow control); a query parked mid-flight with it would keep
-/// its connection, and four clients that stop reading would block every
-/// read. Detached, it finishes, returns the connection, and its one result
-/// waits for the stream.
-fn detached<T: Send + 'static>(
+/// Runs a query of a response stream on its own task. The stream is polled
+/// only while its client reads (HTTP/2 flow control); a query parked
+/// mid-flight with it would keep its pooled connection, and four clients that
+/// stop reading would block every read. Detached, it finishes, returns the
+/// connection, and its one result waits for the stream.
+async fn run_detached<T: Send + 'static>(
     query: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-) -> impl Future<Output = Result<T, Status>> + Send {
-    let task = tokio::spawn(query.in_current_span());
-    async move {
-        match task.await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(Status::internal("a database query's task failed")),
-        }
+) -> Result<T, Status> {
+    match tokio::spawn(query.in_current_span()).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Status::internal("a database query's task failed")),
     }
 }
 
