@@ -438,20 +438,24 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
     let mut servers = vec![("user-manager".to_owned(), binary.clone(), db.clone(), logs)];
     if let Database::File(file) = &db {
         dataset::populate(file, plan.users).await?;
-        // Each user-manager server gets its own copy: AddUser writes to it.
+        // Each user-manager server gets its own database (AddUser writes to
+        // it), migrated by its own build: a candidate from before a schema
+        // change must not find migrations it doesn't know.
         for (name, path) in candidate_names(&cli.candidate_bin)
             .into_iter()
             .zip(&cli.candidate_bin)
         {
             let dir = tmp.path().join(format!("candidate-{}", servers.len()));
             std::fs::create_dir_all(&dir)?;
-            std::fs::copy(file, dir.join("users.db")).context("copying the database")?;
-            servers.push((
-                name,
-                path.clone(),
-                Database::File(dir.join("users.db")),
-                dir,
-            ));
+            let file = dir.join("users.db");
+            let mut migrate = process::user_manager_command(path, &Database::File(file.clone()));
+            migrate.arg("migrate").stdout(Stdio::null());
+            let migrated = migrate.status().context("running the candidate's migrate")?;
+            if !migrated.success() {
+                bail!("{} migrate failed ({migrated})", path.display());
+            }
+            dataset::populate(&file, plan.users).await?;
+            servers.push((name, path.clone(), Database::File(file), dir));
         }
     }
     eprintln!(
