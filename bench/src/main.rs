@@ -450,7 +450,9 @@ async fn run(cli: Cli) -> anyhow::Result<u64> {
             let file = dir.join("users.db");
             let mut migrate = process::user_manager_command(path, &Database::File(file.clone()));
             migrate.arg("migrate").stdout(Stdio::null());
-            let migrated = migrate.status().context("running the candidate's migrate")?;
+            let migrated = migrate
+                .status()
+                .context("running the candidate's migrate")?;
             if !migrated.success() {
                 bail!("{} migrate failed ({migrated})", path.display());
             }
