@@ -84,8 +84,6 @@ impl Readers {
         let permit = self.permits.try_acquire().ok()?;
         let generation = self.generation.load(Ordering::Acquire);
         let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-        // A read that found a connection free waited for none: it counts too.
-        crate::instruments::get().db_connection_wait(crate::instruments::DbSystem::Sqlite, 0.0);
         Some(Reader {
             conn: Some(conn),
             readers: self,
