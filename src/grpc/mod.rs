@@ -2,6 +2,7 @@
 //! middleware every call goes through, and TLS on the listener.
 
 pub(crate) mod body;
+pub(crate) mod call_end;
 pub(crate) mod codec;
 pub(crate) mod methods;
 pub(crate) mod middleware;

@@ -19,7 +19,6 @@
 //! reader configured) the layer only forwards.
 
 use std::{
-    ops::ControlFlow,
     sync::{
         Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -29,14 +28,14 @@ use std::{
 };
 
 use futures::future::{BoxFuture, Either};
-use http_body::Body as _;
 use opentelemetry::{KeyValue, metrics::Histogram};
-use tonic::{Code, Status, body::Body};
+use tonic::{Code, body::Body};
 use tower::{Layer, Service};
 
 use crate::{
     grpc::{
-        body::{FrameScanner, Hooks, Polled, Wrapped},
+        body::Wrapped,
+        call_end::{CallEnd, EndWatcher, MessageCount, RequestCounter, is_server_fault},
         methods::{CallKind, Method},
     },
     instruments::{self, DURATION_BUCKETS},
@@ -171,7 +170,7 @@ impl RpcMetricsLayer {
                     )
                     .with_boundaries(DURATION_BUCKETS.to_vec())
                     .build(),
-                active: active.clone(),
+                active,
                 received: messages(
                     "user_manager.rpc.server.messages_received",
                     "Messages received per streaming RPC",
@@ -245,15 +244,8 @@ where
         let started = Instant::now();
         let (request, received) = if streaming {
             let total = Arc::new(AtomicU64::new(0));
-            let request = request.map(|inner| {
-                Wrapped::body(
-                    inner,
-                    RequestCounter {
-                        scanner: FrameScanner::default(),
-                        total: total.clone(),
-                    },
-                )
-            });
+            let request =
+                request.map(|inner| Wrapped::body(inner, RequestCounter::new(total.clone())));
             (request, Some(total))
         } else {
             (request, None)
@@ -261,18 +253,18 @@ where
         let response = self.inner.call(request);
         Either::Right(Box::pin(async move {
             // Finishes the call as cancelled if this future is dropped first.
-            let mut watcher = ResponseWatcher(Some(Call {
+            let mut watcher = EndWatcher::new(Call {
                 shared,
                 slot,
                 started,
                 received,
                 sent: MessageCount::default(),
-            }));
+            });
             match response.await {
                 Ok(response) => Ok(watcher.follow(response)),
                 Err(e) => {
                     // Tonic answers a failed service with UNKNOWN.
-                    watcher.finish(Code::Unknown);
+                    watcher.end(Code::Unknown);
                     Err(e)
                 }
             }
@@ -290,8 +282,14 @@ struct Call {
     sent: MessageCount,
 }
 
-impl Call {
-    fn finish(self, code: Code) {
+impl CallEnd for Call {
+    fn sent(&mut self, data: &[u8]) {
+        if self.received.is_some() {
+            self.sent.feed(data);
+        }
+    }
+
+    fn end(self, code: Code) {
         let shared = &self.shared;
         let code = (code as usize).min(CODES - 1);
         shared.duration.record(
@@ -306,125 +304,6 @@ impl Call {
                 .record(received.load(Ordering::Relaxed), method);
             shared.sent.record(self.sent.messages, method);
         }
-    }
-}
-
-/// The codes the gRPC conventions count as the server's fault.
-fn is_server_fault(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Unimplemented
-            | Code::Internal
-            | Code::Unavailable
-            | Code::DataLoss
-    )
-}
-
-fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get(Status::GRPC_STATUS)
-        .map(|value| Code::from_bytes(value.as_bytes()))
-}
-
-/// Counts gRPC messages in a body's bytes, however they are split into frames.
-#[derive(Default)]
-struct MessageCount {
-    messages: u64,
-    scanner: FrameScanner,
-}
-
-impl MessageCount {
-    fn feed(&mut self, data: &[u8]) -> u64 {
-        count(&mut self.scanner, data, &mut self.messages)
-    }
-}
-
-fn count(scanner: &mut FrameScanner, data: &[u8], total: &mut u64) -> u64 {
-    let mut started = 0;
-    let _ = scanner.feed::<()>(data, |_| {
-        started += 1;
-        ControlFlow::Continue(())
-    });
-    *total += started;
-    started
-}
-
-/// Counts a streaming request's messages as the handler reads them.
-struct RequestCounter {
-    scanner: FrameScanner,
-    total: Arc<AtomicU64>,
-}
-
-impl Hooks for RequestCounter {
-    fn after(&mut self, polled: &Polled) -> Option<Status> {
-        if let Poll::Ready(Some(Ok(frame))) = polled
-            && let Some(data) = frame.data_ref()
-        {
-            let mut started = 0;
-            count(&mut self.scanner, data, &mut started);
-            self.total.fetch_add(started, Ordering::Relaxed);
-        }
-        None
-    }
-}
-
-/// Finishes the call at its trailers, or as cancelled when dropped before.
-/// `None` once finished.
-struct ResponseWatcher(Option<Call>);
-
-impl ResponseWatcher {
-    /// Finishes now if the response is trailers-only, else when its body ends.
-    fn follow(mut self, response: http::Response<Body>) -> http::Response<Body> {
-        if let Some(code) = grpc_status(response.headers()) {
-            self.finish(code);
-            return response;
-        }
-        if response.body().is_end_stream() {
-            // A gRPC response without grpc-status anywhere: clients read UNKNOWN.
-            self.finish(Code::Unknown);
-            return response;
-        }
-        response.map(|inner| Wrapped::body(inner, self))
-    }
-
-    fn finish(&mut self, code: Code) {
-        if let Some(call) = self.0.take() {
-            call.finish(code);
-        }
-    }
-}
-
-impl Hooks for ResponseWatcher {
-    fn after(&mut self, polled: &Polled) -> Option<Status> {
-        let call = self.0.as_mut()?;
-        let finished = match polled {
-            Poll::Pending => None,
-            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
-                Some(data) => {
-                    if call.received.is_some() {
-                        call.sent.feed(data);
-                    }
-                    None
-                }
-                None => Some(frame.trailers_ref().and_then(grpc_status)),
-            },
-            Poll::Ready(Some(Err(status))) => Some(Some(status.code())),
-            Poll::Ready(None) => Some(None),
-        };
-        if let Some(code) = finished {
-            self.finish(code.unwrap_or(Code::Unknown));
-        }
-        None
-    }
-}
-
-impl Drop for ResponseWatcher {
-    fn drop(&mut self) {
-        // The call went away before its status: the client cancelled or the
-        // connection was closed under it.
-        self.finish(Code::Cancelled);
     }
 }
 

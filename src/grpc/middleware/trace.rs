@@ -14,7 +14,6 @@
 //! untouched, and so does everything when no exporter is installed.
 
 use std::{
-    ops::ControlFlow,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -23,15 +22,15 @@ use std::{
 };
 
 use futures::future::{BoxFuture, Either};
-use http_body::Body as _;
 use opentelemetry::propagation::Extractor;
-use tonic::{Code, Status, body::Body};
+use tonic::{Code, body::Body};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::grpc::{
-    body::{FrameScanner, Hooks, Polled, Wrapped},
+    body::{Polled, Wrapped},
+    call_end::{CallEnd, EndWatcher, MessageCount, RequestCounter, is_server_fault},
     methods::Method,
 };
 
@@ -122,28 +121,21 @@ where
         let _ = span.set_parent(parent);
 
         let requests = Arc::new(AtomicU64::new(0));
-        let request = request.map(|inner| {
-            Wrapped::body(
-                inner,
-                RequestWatcher {
-                    counter: MessageCounter::default(),
-                    total: requests.clone(),
-                },
-            )
-        });
+        let request =
+            request.map(|inner| Wrapped::body(inner, RequestCounter::new(requests.clone())));
         let response = self.inner.call(request).instrument(span.clone());
         Either::Right(Box::pin(async move {
             // Finishes the call as cancelled if this future is dropped first.
-            let mut watcher = ResponseWatcher(Some(Call {
+            let mut watcher = EndWatcher::new(Call {
                 span,
                 requests,
-                responses: MessageCounter::default(),
-            }));
+                responses: MessageCount::default(),
+            });
             match response.await {
                 Ok(response) => Ok(watcher.follow(response)),
                 Err(e) => {
                     // Tonic answers a failed service with UNKNOWN.
-                    watcher.finish(Code::Unknown);
+                    watcher.end(Code::Unknown);
                     Err(e)
                 }
             }
@@ -155,11 +147,20 @@ where
 struct Call {
     span: Span,
     requests: Arc<AtomicU64>,
-    responses: MessageCounter,
+    responses: MessageCount,
 }
 
-impl Call {
-    fn finish(self, code: Code) {
+impl CallEnd for Call {
+    fn sent(&mut self, data: &[u8]) {
+        self.responses.feed(data);
+    }
+
+    /// Streaming handlers do their work (database reads included) here.
+    fn around(&mut self, poll: impl FnOnce() -> Polled) -> Polled {
+        self.span.in_scope(poll)
+    }
+
+    fn end(self, code: Code) {
         let span = &self.span;
         span.record("rpc.grpc.status_code", code as i64);
         if is_server_fault(code) {
@@ -176,25 +177,6 @@ impl Call {
     }
 }
 
-/// The codes the RPC conventions count as the server's fault.
-fn is_server_fault(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unknown
-            | Code::DeadlineExceeded
-            | Code::Unimplemented
-            | Code::Internal
-            | Code::Unavailable
-            | Code::DataLoss
-    )
-}
-
-fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
-    headers
-        .get(Status::GRPC_STATUS)
-        .map(|value| Code::from_bytes(value.as_bytes()))
-}
-
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -204,132 +186,5 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
-/// Counts gRPC messages in a body's bytes, however they are split into frames.
-#[derive(Debug, Default)]
-struct MessageCounter {
-    messages: u64,
-    scanner: FrameScanner,
-}
-
-impl MessageCounter {
-    /// Returns how many messages started in `data`.
-    fn feed(&mut self, data: &[u8]) -> u64 {
-        let mut started = 0;
-        let _ = self.scanner.feed::<()>(data, |_| {
-            started += 1;
-            ControlFlow::Continue(())
-        });
-        self.messages += started;
-        started
-    }
-}
-
-/// Counts the request's messages as the handler reads them.
-struct RequestWatcher {
-    counter: MessageCounter,
-    total: Arc<AtomicU64>,
-}
-
-impl Hooks for RequestWatcher {
-    fn after(&mut self, polled: &Polled) -> Option<Status> {
-        if let Poll::Ready(Some(Ok(frame))) = polled
-            && let Some(data) = frame.data_ref()
-        {
-            let started = self.counter.feed(data);
-            self.total.fetch_add(started, Ordering::Relaxed);
-        }
-        None
-    }
-}
-
-/// Runs the response stream inside the span, counts its messages and
-/// finishes the call at the trailers, or as cancelled when dropped before.
-/// `None` once finished.
-struct ResponseWatcher(Option<Call>);
-
-impl ResponseWatcher {
-    /// Finishes now if the response is trailers-only, else when its body ends.
-    fn follow(mut self, response: http::Response<Body>) -> http::Response<Body> {
-        if let Some(code) = grpc_status(response.headers()) {
-            self.finish(code);
-            return response;
-        }
-        if response.body().is_end_stream() {
-            // A gRPC response without grpc-status anywhere: clients read UNKNOWN.
-            self.finish(Code::Unknown);
-            return response;
-        }
-        response.map(|inner| Wrapped::body(inner, self))
-    }
-
-    fn finish(&mut self, code: Code) {
-        if let Some(call) = self.0.take() {
-            call.finish(code);
-        }
-    }
-}
-
-impl Hooks for ResponseWatcher {
-    fn around(&mut self, poll: impl FnOnce() -> Polled) -> Polled {
-        match &self.0 {
-            // Streaming handlers do their work (database reads included) here.
-            Some(call) => call.span.in_scope(poll),
-            None => poll(),
-        }
-    }
-
-    fn after(&mut self, polled: &Polled) -> Option<Status> {
-        let call = self.0.as_mut()?;
-        let finished = match polled {
-            Poll::Pending => None,
-            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
-                Some(data) => {
-                    call.responses.feed(data);
-                    None
-                }
-                None => Some(frame.trailers_ref().and_then(grpc_status)),
-            },
-            Poll::Ready(Some(Err(status))) => Some(Some(status.code())),
-            Poll::Ready(None) => Some(None),
-        };
-        if let Some(code) = finished {
-            self.finish(code.unwrap_or(Code::Unknown));
-        }
-        None
-    }
-}
-
-impl Drop for ResponseWatcher {
-    fn drop(&mut self) {
-        // The call went away before its status: the client cancelled or the
-        // connection was closed under it.
-        self.finish(Code::Cancelled);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_server_faults_are_errors() {
-        let faults: Vec<Code> = (0..=16)
-            .map(Code::from_i32)
-            .filter(|c| is_server_fault(*c))
-            .collect();
-        assert_eq!(
-            faults,
-            [
-                Code::Unknown,
-                Code::DeadlineExceeded,
-                Code::Unimplemented,
-                Code::Internal,
-                Code::Unavailable,
-                Code::DataLoss
-            ]
-        );
     }
 }
