@@ -18,6 +18,7 @@
 pub mod app;
 pub mod grpc_frame;
 pub mod metrics;
+pub mod otlp;
 pub mod postgres;
 pub mod process;
 pub mod raw_grpc;
@@ -130,4 +131,13 @@ where
         assert!(Instant::now() < deadline, "never happened: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A free loopback port: bound, then released for a child process to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -11,7 +11,6 @@
 //! cluster runs as the `postgres` user (through runuser).
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -66,7 +65,7 @@ impl Cluster {
         // PostgreSQL can't report a port 0 back: pick a free one, retry if
         // another process takes it first.
         for _ in 0..5 {
-            cluster.port = free_port();
+            cluster.port = super::free_port();
             if cluster.try_start() {
                 return cluster;
             }
@@ -286,12 +285,4 @@ fn run(cmd: &mut Command, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -2,32 +2,22 @@
 //! then what `GET /metrics` on its own listener says about them; and OTLP
 //! metrics reaching a receiver this test runs.
 
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use futures::{StreamExt, stream};
 use opentelemetry_proto::tonic::{
-    collector::metrics::v1::{
-        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-        metrics_service_server::{MetricsService, MetricsServiceServer},
-    },
     common::v1::{KeyValue, any_value::Value},
-    metrics::v1::{Metric, metric::Data, number_data_point},
+    metrics::v1::{metric::Data, number_data_point},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Code, Request,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::{Code, Request};
 use user_manager::proto::{UserRequest, UserTypeRequest, user_manager_client::UserManagerClient};
 
 use crate::common::{
     self, Binary, ServerProcess, grpc_frame, health_status,
     metrics::{Scrape, http_get},
+    otlp::Collector,
     raw_grpc_call, user,
 };
 use crate::security::{Ca, TlsFiles, tls_channel};
@@ -461,68 +451,6 @@ async fn refusals_are_counted_by_the_limit_that_refused() {
 
 // ---------------------------------------------------------------- OTLP
 
-/// An OTLP/gRPC metrics receiver on an ephemeral loopback port, keeping
-/// every export it is sent.
-struct MetricsCollector {
-    addr: std::net::SocketAddr,
-    received: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
-}
-
-struct Receiver(Arc<Mutex<Vec<ExportMetricsServiceRequest>>>);
-
-#[tonic::async_trait]
-impl MetricsService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
-    }
-}
-
-impl MetricsCollector {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let received = Arc::default();
-        tokio::spawn(
-            Server::builder()
-                .add_service(MetricsServiceServer::new(Receiver(Arc::clone(&received))))
-                .serve_with_incoming(TcpIncoming::from(listener)),
-        );
-        Self { addr, received }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn exports(&self) -> usize {
-        self.received.lock().unwrap().len()
-    }
-
-    /// The newest export's metric `name`, with its resource's attributes.
-    fn latest(&self, name: &str) -> Option<(Vec<KeyValue>, Metric)> {
-        let received = self.received.lock().unwrap();
-        received.iter().rev().find_map(|export| {
-            export.resource_metrics.iter().find_map(|rm| {
-                let metric = rm
-                    .scope_metrics
-                    .iter()
-                    .flat_map(|s| &s.metrics)
-                    .find(|m| m.name == name)?;
-                let resource = rm
-                    .resource
-                    .as_ref()
-                    .map(|r| r.attributes.clone())
-                    .unwrap_or_default();
-                Some((resource, metric.clone()))
-            })
-        })
-    }
-}
-
 fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
     attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
         match kv.value.as_ref()?.value.as_ref()? {
@@ -535,7 +463,7 @@ fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
 /// The server, exporting every 100 ms to `collector`, with `env` on top.
 async fn exporting_to(
     dir: &std::path::Path,
-    collector: &MetricsCollector,
+    collector: &Collector,
     env: &[(&str, &str)],
 ) -> ServerProcess {
     Binary::new(dir)
@@ -553,7 +481,7 @@ async fn exporting_to(
 
 #[tokio::test]
 async fn otlp_metrics_reach_the_collector_with_names_units_and_attributes() {
-    let collector = MetricsCollector::start().await;
+    let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let server = exporting_to(dir.path(), &collector, &[]).await;
     let mut client = server.client().await;
@@ -563,7 +491,7 @@ async fn otlp_metrics_reach_the_collector_with_names_units_and_attributes() {
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let (resource, duration) = loop {
-        if let Some((resource, metric)) = collector.latest("rpc.server.call.duration")
+        if let Some((resource, metric)) = collector.latest_metric("rpc.server.call.duration")
             && let Some(Data::Histogram(h)) = &metric.data
             && h.data_points.iter().any(|p| {
                 attr(&p.attributes, "rpc.method") == Some("UserManager/GetUser") && p.count == 2
@@ -574,7 +502,7 @@ async fn otlp_metrics_reach_the_collector_with_names_units_and_attributes() {
         assert!(
             std::time::Instant::now() < deadline,
             "no export with both GetUser calls within 10 s ({} exports)",
-            collector.exports()
+            collector.metric_exports()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -597,7 +525,9 @@ async fn otlp_metrics_reach_the_collector_with_names_units_and_attributes() {
     assert_eq!(point.explicit_bounds.first(), Some(&0.0001));
     assert!(point.sum.unwrap() > 0.0);
 
-    let (_, ready) = collector.latest("user_manager.ready").expect("readiness");
+    let (_, ready) = collector
+        .latest_metric("user_manager.ready")
+        .expect("readiness");
     let Some(Data::Gauge(gauge)) = &ready.data else {
         panic!("{ready:?}")
     };
@@ -606,11 +536,11 @@ async fn otlp_metrics_reach_the_collector_with_names_units_and_attributes() {
         Some(number_data_point::Value::AsInt(1))
     );
     let (_, db) = collector
-        .latest("db.client.operation.duration")
+        .latest_metric("db.client.operation.duration")
         .expect("database durations");
     assert_eq!(db.unit, "s");
     let (_, active) = collector
-        .latest("user_manager.rpc.server.active_calls")
+        .latest_metric("user_manager.rpc.server.active_calls")
         .expect("active calls");
     assert_eq!(active.unit, "{call}");
 }
@@ -621,7 +551,7 @@ async fn the_standard_switches_turn_metrics_off() {
         ("OTEL_METRICS_EXPORTER", "none"),
         ("OTEL_SDK_DISABLED", "true"),
     ] {
-        let collector = MetricsCollector::start().await;
+        let collector = Collector::start().await;
         let dir = tempfile::tempdir().unwrap();
         let mut server = exporting_to(dir.path(), &collector, &[(var, value)]).await;
         let mut client = server.client().await;
@@ -631,7 +561,11 @@ async fn the_standard_switches_turn_metrics_off() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let status = server.sigterm_and_wait(Duration::from_secs(30)).await;
         assert!(status.success(), "{status}");
-        assert_eq!(collector.exports(), 0, "{var}={value}: metrics were sent");
+        assert_eq!(
+            collector.metric_exports(),
+            0,
+            "{var}={value}: metrics were sent"
+        );
         let rpc_series = scrape.sum(&format!("{DURATION}_count"), &[]);
         match value {
             // The Prometheus listener is not an exporter OTEL_METRICS_EXPORTER names.
@@ -746,7 +680,7 @@ async fn a_stream_whose_client_stopped_reading_is_counted_as_a_stall() {
 
 #[tokio::test]
 async fn a_stream_ended_by_the_drain_is_unavailable_and_flushed_at_exit() {
-    let collector = MetricsCollector::start().await;
+    let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut server = exporting_to(
         dir.path(),
@@ -779,7 +713,7 @@ async fn a_stream_ended_by_the_drain_is_unavailable_and_flushed_at_exit() {
     drop(open);
 
     let (_, duration) = collector
-        .latest("rpc.server.call.duration")
+        .latest_metric("rpc.server.call.duration")
         .expect("the flush at exit exported the calls");
     let Some(Data::Histogram(histogram)) = &duration.data else {
         panic!("{duration:?}")

@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -27,7 +27,7 @@ use user_manager::{
 
 use crate::{
     common::{
-        Binary, ServerProcess, grpc_frame, postgres, raw_grpc_call,
+        Binary, ServerProcess, free_port, grpc_frame, postgres, raw_grpc_call,
         tools::{REPO, run_tool, success},
         user,
     },
@@ -889,15 +889,6 @@ fn the_monitoring_overlay_scrapes_the_pods_and_ships_the_dashboard_and_rules() {
 }
 
 // ---------------------------------------------------------------- a real Prometheus
-
-/// A free loopback port: bound, then released for a child to bind.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A Prometheus server of its own, in a temporary directory: killed when
 /// dropped, even when the test panics; its log is printed then.

@@ -4,112 +4,27 @@
 
 use crate::common;
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    process::ExitStatus,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{process::ExitStatus, time::Duration};
 
-use crate::common::{ServerProcess, user};
+use crate::common::{
+    ServerProcess,
+    otlp::{Collector, Exported},
+    user,
+};
 use futures::{StreamExt, stream};
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
     common::v1::{KeyValue, any_value::Value},
     trace::v1::{Span, span::SpanKind, status::StatusCode},
 };
 use sqlx::{Connection, SqliteConnection};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Code, Request,
-    codegen::http::uri::PathAndQuery,
-    transport::{Channel, Server, server::TcpIncoming},
-};
+use tonic::{Code, Request, codegen::http::uri::PathAndQuery, transport::Channel};
 use user_manager::proto::{UserRequest, UserTypeRequest, user_manager_client::UserManagerClient};
 
 const NORMAL: i32 = 1;
 const GUEST: i32 = 3;
 const DISABLED: i32 = 4;
-
-/// An OTLP/gRPC trace receiver on an ephemeral loopback port, keeping
-/// every span it is sent.
-struct Collector {
-    addr: SocketAddr,
-    received: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-}
-
-struct Receiver(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-/// A span as the collector received it, with its resource's attributes.
-struct Exported {
-    resource: Vec<KeyValue>,
-    span: Span,
-}
-
-impl Collector {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let received = Arc::default();
-        tokio::spawn(
-            Server::builder()
-                .add_service(TraceServiceServer::new(Receiver(Arc::clone(&received))))
-                .serve_with_incoming(TcpIncoming::from(listener)),
-        );
-        Self { addr, received }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn spans(&self) -> Vec<Exported> {
-        let received = self.received.lock().unwrap();
-        let mut spans = Vec::new();
-        for resource_spans in received.iter().flat_map(|r| &r.resource_spans) {
-            let resource = resource_spans
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.clone())
-                .unwrap_or_default();
-            for span in resource_spans.scope_spans.iter().flat_map(|s| &s.spans) {
-                spans.push(Exported {
-                    resource: resource.clone(),
-                    span: span.clone(),
-                });
-            }
-        }
-        spans
-    }
-
-    /// The server spans by name; each name must occur once.
-    fn server_spans(&self) -> HashMap<String, Span> {
-        let mut by_name = HashMap::new();
-        for Exported { span, .. } in self.spans() {
-            if span.kind == SpanKind::Server as i32 {
-                let name = span.name.clone();
-                assert!(by_name.insert(name.clone(), span).is_none(), "two {name}");
-            }
-        }
-        by_name
-    }
-}
 
 fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a Value> {
     attributes
