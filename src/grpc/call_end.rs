@@ -33,16 +33,36 @@ pub(crate) trait CallEnd: Send + Unpin + 'static {
     fn end(self, code: Code);
 }
 
+/// Follows `call`, whose response `response` gives, to its end. The call
+/// is followed from now: if the future returned is dropped before the
+/// response comes, the call ends CANCELLED.
+pub(crate) fn follow<C, F, E>(
+    call: C,
+    response: F,
+) -> impl Future<Output = Result<http::Response<Body>, E>> + Send
+where
+    C: CallEnd,
+    F: Future<Output = Result<http::Response<Body>, E>> + Send,
+{
+    let mut watcher = EndWatcher(Some(call));
+    async move {
+        match response.await {
+            Ok(response) => Ok(watcher.follow(response)),
+            Err(e) => {
+                // Tonic answers a failed service with UNKNOWN.
+                watcher.end(Code::Unknown);
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Ends its call once: at the status, or as CANCELLED when dropped before.
-pub(crate) struct EndWatcher<C: CallEnd>(Option<C>);
+struct EndWatcher<C: CallEnd>(Option<C>);
 
 impl<C: CallEnd> EndWatcher<C> {
-    pub(crate) fn new(call: C) -> Self {
-        Self(Some(call))
-    }
-
     /// Ends now if the response is trailers-only, else when its body ends.
-    pub(crate) fn follow(mut self, response: http::Response<Body>) -> http::Response<Body> {
+    fn follow(mut self, response: http::Response<Body>) -> http::Response<Body> {
         if let Some(code) = grpc_status(response.headers()) {
             self.end(code);
             return response;
@@ -56,7 +76,7 @@ impl<C: CallEnd> EndWatcher<C> {
     }
 
     /// Ends the call with `code` unless it has ended already.
-    pub(crate) fn end(&mut self, code: Code) {
+    fn end(&mut self, code: Code) {
         if let Some(call) = self.0.take() {
             call.end(code);
         }

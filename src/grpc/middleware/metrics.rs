@@ -35,7 +35,7 @@ use tower::{Layer, Service};
 use crate::{
     grpc::{
         body::Wrapped,
-        call_end::{CallEnd, EndWatcher, MessageCount, RequestCounter, is_server_fault},
+        call_end::{self, CallEnd, MessageCount, RequestCounter, is_server_fault},
         methods::{CallKind, Method},
     },
     instruments::{self, DURATION_BUCKETS},
@@ -224,6 +224,7 @@ impl<S> Service<http::Request<Body>> for RpcMetrics<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
+    S::Error: 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
@@ -251,24 +252,16 @@ where
             (request, None)
         };
         let response = self.inner.call(request);
-        Either::Right(Box::pin(async move {
-            // Finishes the call as cancelled if this future is dropped first.
-            let mut watcher = EndWatcher::new(Call {
+        Either::Right(Box::pin(call_end::follow(
+            Call {
                 shared,
                 slot,
                 started,
                 received,
                 sent: MessageCount::default(),
-            });
-            match response.await {
-                Ok(response) => Ok(watcher.follow(response)),
-                Err(e) => {
-                    // Tonic answers a failed service with UNKNOWN.
-                    watcher.end(Code::Unknown);
-                    Err(e)
-                }
-            }
-        }))
+            },
+            response,
+        )))
     }
 }
 

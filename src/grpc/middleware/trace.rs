@@ -30,7 +30,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::grpc::{
     body::{Polled, Wrapped},
-    call_end::{CallEnd, EndWatcher, MessageCount, RequestCounter, is_server_fault},
+    call_end::{self, CallEnd, MessageCount, RequestCounter, is_server_fault},
     methods::Method,
 };
 
@@ -82,6 +82,7 @@ impl<S> Service<http::Request<Body>> for RpcTrace<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
+    S::Error: 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
@@ -124,22 +125,14 @@ where
         let request =
             request.map(|inner| Wrapped::body(inner, RequestCounter::new(requests.clone())));
         let response = self.inner.call(request).instrument(span.clone());
-        Either::Right(Box::pin(async move {
-            // Finishes the call as cancelled if this future is dropped first.
-            let mut watcher = EndWatcher::new(Call {
+        Either::Right(Box::pin(call_end::follow(
+            Call {
                 span,
                 requests,
                 responses: MessageCount::default(),
-            });
-            match response.await {
-                Ok(response) => Ok(watcher.follow(response)),
-                Err(e) => {
-                    // Tonic answers a failed service with UNKNOWN.
-                    watcher.end(Code::Unknown);
-                    Err(e)
-                }
-            }
-        }))
+            },
+            response,
+        )))
     }
 }
 
