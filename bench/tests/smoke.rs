@@ -189,17 +189,7 @@ fn a_database_url_is_loaded_through_the_seed_and_must_start_empty() {
 /// valgrind it says how to get it instead of failing.
 #[test]
 fn instructions_are_counted_under_callgrind_or_the_phase_says_why_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--smoke", "--instructions", "--server-bin"])
-        .arg(server_binary())
-        .arg("--db-dir")
-        .arg(dir.path())
-        .output()
-        .expect("bench runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = smoke_phase("--instructions");
     let valgrind = Command::new("valgrind").arg("--version").output().is_ok();
     let expected: &[&str] = if valgrind {
         &[
@@ -220,17 +210,7 @@ fn instructions_are_counted_under_callgrind_or_the_phase_says_why_not() {
 /// printed (not judged: smoke mode on a busy machine says nothing about it).
 #[test]
 fn metrics_cost_prints_cpu_per_call_off_and_on_and_the_difference() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--smoke", "--metrics-cost", "--server-bin"])
-        .arg(server_binary())
-        .arg("--db-dir")
-        .arg(dir.path())
-        .output()
-        .expect("bench runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = smoke_phase("--metrics-cost");
     for text in [
         "Server CPU per GetUser (64 callers, best of 1 pass(es) each):",
         "- metrics off: ",
@@ -240,4 +220,21 @@ fn metrics_cost_prints_cpu_per_call_off_and_on_and_the_difference() {
         assert!(stdout.contains(text), "no {text:?} in:\n{stdout}\n{stderr}");
     }
     assert!(!stdout.contains("| GetUser, 64 callers |"), "{stdout}");
+}
+
+/// Runs one phase of the benchmark alone in smoke mode; it must succeed.
+/// Returns its stdout and stderr.
+fn smoke_phase(flag: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["--smoke", flag, "--server-bin"])
+        .arg(server_binary())
+        .arg("--db-dir")
+        .arg(dir.path())
+        .output()
+        .expect("bench runs");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
 }
