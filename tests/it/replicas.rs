@@ -283,14 +283,7 @@ async fn the_standard_pg_variables_fill_in_what_the_url_leaves_out() {
         ("PGDATABASE", database),
     ];
     let servers = replicas(dir.path(), "postgres://", 1, &pg_env).await;
-    let found = servers[0]
-        .client()
-        .await
-        .get_user(UserRequest { id: 1 })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(found.user.unwrap().nickname, "admin");
+    servers[0].assert_serves_seeded_users().await;
     assert_eq!(
         count_users(&url).await,
         6,
