@@ -7,6 +7,7 @@
 mod file;
 mod lookups;
 mod readers;
+mod rows;
 mod writer;
 
 use std::{str::FromStr, sync::Arc, time::Duration};
@@ -242,7 +243,7 @@ impl UserStore for SqliteStore {
             .fetch_one(&mut *conn)
             .await
             .map_err(|e| classify(e, "reading users by type"))?;
-        let mut users = users_from_json(&json)?;
+        let mut users = rows::users(&json)?;
         if !users.is_sorted_by_key(|u| u.id) {
             users.sort_unstable_by_key(|u| u.id);
         }
@@ -300,15 +301,6 @@ fn to_user((id, nickname, mail_address, user_type): Row) -> Result<User, StoreEr
     let type_i32 = i32::try_from(user_type).unwrap_or(-1);
     User::parse(id_u32, nickname, mail_address, type_i32)
         .map_err(|e| StoreError::Internal(format!("stored user {id} is invalid: {e}")))
-}
-
-/// Users from a JSON array of rows, as `SELECT_MANY` and `SELECT_PAGE_BY_TYPE` return them.
-fn users_from_json(json: &str) -> Result<Vec<User>, StoreError> {
-    serde_json::from_str::<Vec<Row>>(json)
-        .map_err(|e| StoreError::Internal(format!("decoding stored users: {e}")))?
-        .into_iter()
-        .map(to_user)
-        .collect()
 }
 
 /// Ids as a JSON array, for `json_each`: one statement for any batch size.

@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use super::{
     COUNT_MANY, Row, SELECT_BY_ID, SELECT_MANY, classify, closed, json_array,
     readers::{Reader, Readers},
-    to_user, users_from_json,
+    rows, to_user,
 };
 use crate::{
     domain::{User, UserId},
@@ -224,7 +224,7 @@ async fn alone(
                 .fetch_one(&mut **conn)
                 .await
                 .map_err(failed)?;
-            users_from_json(&json).map(Found::Users)
+            rows::users(&json).map(Found::Users)
         }
         (Want::Count, _) => {
             let n: i64 = sqlx::query_scalar(COUNT_MANY)
@@ -269,14 +269,7 @@ async fn together(conn: &mut Reader<'_>, group: Vec<Queued>, want: Want) {
 fn split(json: &str, lookups: usize, want: Want) -> Result<Vec<Found>, StoreError> {
     let decode = |e: serde_json::Error| StoreError::Internal(format!("decoding stored users: {e}"));
     let found: Vec<Found> = match want {
-        Want::Users => serde_json::from_str::<Vec<Vec<Row>>>(json)
-            .map_err(decode)?
-            .into_iter()
-            .map(|rows| {
-                let users: Result<Vec<User>, StoreError> = rows.into_iter().map(to_user).collect();
-                users.map(Found::Users)
-            })
-            .collect::<Result<_, _>>()?,
+        Want::Users => rows::groups(json)?.into_iter().map(Found::Users).collect(),
         Want::Count => serde_json::from_str::<Vec<u64>>(json)
             .map_err(decode)?
             .into_iter()
