@@ -108,20 +108,26 @@ impl<'a> Reader<'a> {
         to_user(row)
     }
 
-    /// An integer as SQLite writes one: an optional '-' and digits.
+    /// An integer as SQLite writes one: an optional '-' and up to 19 digits.
     fn integer(&mut self) -> Result<i64, StoreError> {
         self.peek();
-        let start = self.at;
         let bytes = self.json.as_bytes();
-        let mut end = start + usize::from(bytes.get(start) == Some(&b'-'));
-        while bytes.get(end).is_some_and(u8::is_ascii_digit) {
+        let negative = bytes.get(self.at) == Some(&b'-');
+        let start = self.at + usize::from(negative);
+        let mut end = start;
+        let mut magnitude: i64 = 0;
+        while let Some(&b) = bytes.get(end).filter(|b| b.is_ascii_digit()) {
+            magnitude = magnitude
+                .checked_mul(10)
+                .and_then(|m| m.checked_add(i64::from(b - b'0')))
+                .ok_or_else(|| self.error("an integer that fits 64 bits"))?;
             end += 1;
         }
-        let number = self.json[start..end]
-            .parse()
-            .map_err(|_| self.error("an integer"))?;
+        if end == start {
+            return Err(self.error("an integer"));
+        }
         self.at = end;
-        Ok(number)
+        Ok(if negative { -magnitude } else { magnitude })
     }
 
     /// A string; one with escapes is decoded by serde_json.
@@ -129,18 +135,21 @@ impl<'a> Reader<'a> {
         self.eat(b'"', "a string")?;
         let start = self.at;
         let bytes = self.json.as_bytes();
-        let mut escaped = false;
         let mut end = start;
+        let mut escaped = false;
         loop {
-            match bytes.get(end) {
-                Some(b'"') => break,
-                Some(b'\\') => {
-                    escaped = true;
-                    end += 2;
+            match memchr::memchr2(b'"', b'\\', &bytes[end..]).map(|i| end + i) {
+                Some(quote) if bytes[quote] == b'"' => {
+                    end = quote;
+                    break;
                 }
-                Some(_) => end += 1,
-                None => {
-                    self.at = end.min(bytes.len());
+                // Whatever follows a backslash is part of the string.
+                Some(backslash) if backslash + 1 < bytes.len() => {
+                    escaped = true;
+                    end = backslash + 2;
+                }
+                _ => {
+                    self.at = bytes.len();
                     return Err(self.error("the string's closing '\"'"));
                 }
             }
@@ -236,6 +245,8 @@ mod tests {
             r#"[[1.5,"a","b@c.d",1]]"#,
             r#"[[1,2,"b@c.d",1]]"#,
             r#"[[1,"a\q","b@c.d",1]]"#,
+            r#"[[99999999999999999999,"a","b@c.d",1]]"#,
+            r#"[[1,"a","b@c.d",1\"#,
             r#"{"id":1}"#,
             "[1]",
         ] {
