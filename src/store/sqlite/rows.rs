@@ -212,7 +212,7 @@ mod tests {
                 user.user_type.number(),
             )])
             .unwrap();
-            assert_eq!(users(&json).unwrap(), [user.clone()], "{json}");
+            assert_eq!(users(&json).unwrap(), std::slice::from_ref(&user), "{json}");
             let spaced = json
                 .replace(',', " ,\n ")
                 .replace('[', "[ ")
