@@ -224,7 +224,7 @@ async fn alone(
                 .fetch_one(&mut **conn)
                 .await
                 .map_err(failed)?;
-            rows::users(&json).map(Found::Users)
+            Ok(Found::Users(rows::in_order_of(ids, rows::users(&json)?)))
         }
         (Want::Count, _) => {
             let n: i64 = sqlx::query_scalar(COUNT_MANY)
