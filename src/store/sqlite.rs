@@ -52,6 +52,23 @@ const SELECT_PAGE_BY_TYPE: &str = "SELECT json_group_array(\
 
 type Row = (i64, String, String, i64);
 
+/// `PRAGMA cache_size` of every connection, in KiB (negative: SQLite's unit
+/// for KiB), instead of SQLite's default 2000 KiB. What the default cost
+/// (BENCHMARKS.md, resident memory after the workloads): each sqlx connection
+/// runs on its own thread, so its page cache lives in that thread's glibc
+/// malloc arena, and a cache filled one random leaf at a time over the whole
+/// run ends up scattered among the thread's short-lived allocations (the
+/// JSON of every answer), pinning the arena at 9 to 12 MiB where massif
+/// counts about 2 MiB live: 61.4 MiB idle after `bench --full` (the target:
+/// under 48), 60.2 MiB at the GetUsersByIds streams' peak (limit 64). At 512
+/// KiB: 34.3 and 38.8 MiB in the same run (256 KiB: 32.0 and 33.6). What the
+/// cache buys is kept: 512 KiB (about 120 pages) still holds every interior
+/// page of the users B-tree (28 at 1M users, the ones every lookup reads);
+/// what goes is leaves hit by chance (4 % of random lookups at 2000 KiB, 1 %
+/// now), each miss one `pread` from the OS page cache. Instructions per
+/// GetUser and per GetUsersByIds call were unchanged under callgrind.
+const CACHE_KIB: i64 = 512;
+
 #[derive(Clone)]
 pub struct SqliteStore {
     reads: Arc<Readers>,
@@ -76,7 +93,8 @@ impl SqliteStore {
                 Synchronous::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            .pragma("cache_size", format!("-{CACHE_KIB}"));
         let file = Some(options.get_filename().to_path_buf())
             .filter(|p| !p.as_os_str().is_empty() && p.as_os_str() != ":memory:");
         if let Some(dir) = file.as_deref().and_then(std::path::Path::parent)
