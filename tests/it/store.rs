@@ -252,6 +252,42 @@ async fn concurrent_reads_each_get_their_own_answer(backend: &str) {
     store.close().await;
 }
 
+/// Many single-id reads at once, several callers per id, some ids missing:
+/// each caller gets the user of its own id, whole (SQLite answers queued
+/// single-id reads with one query and hands each caller its user by id).
+async fn concurrent_gets_of_the_same_ids_each_get_the_user(backend: &str) {
+    let (store, _dir) = open(backend).await;
+    for id in [1, 2, 4, 5] {
+        store.add(user(id, &format!("u{id}"), 2)).await.unwrap();
+    }
+    let readers: Vec<_> = (0..400u32)
+        .map(|n| {
+            let store = store.clone();
+            let id = n % 6 + 1;
+            tokio::spawn(async move {
+                let got = if n % 2 == 0 {
+                    store.get(UserId::new(id).unwrap()).await.unwrap()
+                } else {
+                    let many = store.get_many(&ids(&[id])).await.unwrap();
+                    assert!(many.len() <= 1, "one id, {} users", many.len());
+                    many.into_iter().next()
+                };
+                match id {
+                    3 | 6 => assert_eq!(got, None, "id {id} does not exist"),
+                    _ => {
+                        let got = got.unwrap_or_else(|| panic!("id {id} exists"));
+                        assert_eq!(got, user(id, &format!("u{id}"), 2));
+                    }
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    store.close().await;
+}
+
 /// Adds at once of new ids, ids taken before, and ids raced within the same
 /// moment: each id has exactly one winner, and every caller hears the truth.
 async fn concurrent_adds_are_each_told_the_truth(backend: &str) {
@@ -325,5 +361,6 @@ contract!(
     racing_adds_of_one_id_have_one_winner,
     migrating_twice_changes_nothing,
     concurrent_reads_each_get_their_own_answer,
+    concurrent_gets_of_the_same_ids_each_get_the_user,
     concurrent_adds_are_each_told_the_truth,
 );

@@ -90,12 +90,15 @@ where
         };
         let deadline = Instant::now() + budget;
         Box::pin(async move {
-            match tokio::time::timeout_at(deadline, call).await {
-                Ok(Ok(response)) => Ok(response.map(|body| {
-                    Wrapped::body(body, Expiry(Box::pin(tokio::time::sleep_until(deadline))))
-                })),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Ok(exceeded().into_http()),
+            // One timer bounds the call, then goes on with its body: arming
+            // a second one cost each call a timer registration more.
+            let mut expiry = Box::pin(tokio::time::sleep_until(deadline));
+            tokio::select! {
+                biased;
+                response = call => {
+                    Ok(response?.map(|body| Wrapped::body(body, Expiry(expiry))))
+                }
+                () = &mut expiry => Ok(exceeded().into_http()),
             }
         })
     }

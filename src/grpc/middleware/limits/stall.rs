@@ -36,6 +36,10 @@ use crate::{
 /// call ends with RESOURCE_EXHAUSTED. Until then HTTP/2 flow control keeps
 /// what waits for the client to one window and one frame.
 pub(super) fn hold(body: Body, permits: Permits, stall: Option<Duration>) -> Body {
+    let Some(limit) = stall else {
+        // Nothing can take the body away: no shared state, no lock per poll.
+        return Wrapped::body(body, Permitted(Some(permits)));
+    };
     let call = Arc::new(Call {
         live: Mutex::new(Some(Live {
             body,
@@ -45,17 +49,14 @@ pub(super) fn hold(body: Body, permits: Permits, stall: Option<Duration>) -> Bod
         epoch: Instant::now(),
         handed_data: Notify::new(),
     });
-    let watchdog = stall.map(|limit| {
-        let (stop, stopped) = oneshot::channel();
-        tokio::spawn(watch_stall(call.clone(), limit, stopped));
-        stop
-    });
+    let (stop, stopped) = oneshot::channel();
+    tokio::spawn(watch_stall(call.clone(), limit, stopped));
     Wrapped::body(
         LiveBody(call.clone()),
         Holder {
             call,
-            _watchdog: watchdog,
-            stall,
+            _watchdog: stop,
+            stall: limit,
         },
     )
 }
@@ -147,8 +148,8 @@ impl http_body::Body for LiveBody {
 struct Holder {
     call: Arc<Call>,
     /// Dropping it stops the watchdog.
-    _watchdog: Option<oneshot::Sender<()>>,
-    stall: Option<Duration>,
+    _watchdog: oneshot::Sender<()>,
+    stall: Duration,
 }
 
 impl Hooks for Holder {
@@ -160,7 +161,7 @@ impl Hooks for Holder {
         if live.is_some() {
             return Poll::Pending;
         }
-        let stall = self.stall.unwrap_or_default();
+        let stall = self.stall;
         Poll::Ready(Status::resource_exhausted(format!(
             "the client read nothing of this stream for {stall:?}; the server ended it"
         )))
@@ -170,12 +171,10 @@ impl Hooks for Holder {
         match polled {
             Poll::Pending => {}
             Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
-                if self.stall.is_some() {
-                    let call = &self.call;
-                    let now = u64::try_from(call.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    call.handed.store(now.saturating_add(1), Ordering::Release);
-                    call.handed_data.notify_one();
-                }
+                let call = &self.call;
+                let now = u64::try_from(call.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                call.handed.store(now.saturating_add(1), Ordering::Release);
+                call.handed_data.notify_one();
             }
             Poll::Ready(_) => {
                 // Trailers, an error or the end: the call is over, its
@@ -183,6 +182,22 @@ impl Hooks for Holder {
                 let done = self.call.lock().take();
                 drop(done);
             }
+        }
+        None
+    }
+}
+
+/// The permits of a call nothing can stall (a unary call, or any call with
+/// the stall timeout off), given back when its response ends or is dropped.
+struct Permitted(Option<Permits>);
+
+impl Hooks for Permitted {
+    fn after(&mut self, polled: &Polled) -> Option<Status> {
+        match polled {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => {}
+            // Trailers, an error or the end: the permits go back now.
+            Poll::Ready(_) => self.0 = None,
         }
         None
     }
