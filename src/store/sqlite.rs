@@ -34,9 +34,9 @@ use crate::{
 const SELECT_BY_ID: &str = "SELECT id, nickname, mail_address, user_type FROM users WHERE id = ?1";
 // Queries that return many users aggregate them into one JSON array of
 // [id, nickname, mail_address, user_type] rows: one value crosses from sqlx's
-// connection thread, not one message per row (see BENCHMARKS.md). Their
-// order is put right in Rust (`rows::in_order_of`): an ORDER BY here would
-// sort every answer through a temporary B-tree.
+// connection thread, not one message per row (see BENCHMARKS.md). No
+// ORDER BY: it would sort every answer through a temporary B-tree. Lookups
+// ask for distinct ids and hand out the users by id (`lookups::distribute`).
 const SELECT_MANY: &str = "SELECT json_group_array(\
      json_array(u.id, u.nickname, u.mail_address, u.user_type)) \
      FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";

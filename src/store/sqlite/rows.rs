@@ -5,13 +5,8 @@
 //! accepts any valid JSON of that shape (whitespace, escapes), leaves the
 //! rare escaped string to serde_json, and calls anything else an error.
 
-use std::collections::HashMap;
-
 use super::{Row, to_user};
-use crate::{
-    domain::{User, UserId},
-    store::StoreError,
-};
+use crate::{domain::User, store::StoreError};
 
 /// `[row, …]` into users.
 pub(super) fn users(json: &str) -> Result<Vec<User>, StoreError> {
@@ -19,33 +14,6 @@ pub(super) fn users(json: &str) -> Result<Vec<User>, StoreError> {
     let users = reader.list(Reader::user)?;
     reader.end()?;
     Ok(users)
-}
-
-/// `[[row, …], …]` into one list of users per inner array.
-pub(super) fn groups(json: &str) -> Result<Vec<Vec<User>>, StoreError> {
-    let mut reader = Reader::new(json);
-    let groups = reader.list(|r| r.list(Reader::user))?;
-    reader.end()?;
-    Ok(groups)
-}
-
-/// The users `ids` name, in their order and with their repeats, from
-/// `found`: one row per id that exists, in whatever order the query gave
-/// them. Without an ORDER BY (whose sorter cost 1.7k instructions per id)
-/// SQLite returns them in the order of the ids; that is checked in one pass,
-/// and any other order is put right through a map.
-pub(super) fn in_order_of(ids: &[UserId], found: Vec<User>) -> Vec<User> {
-    let mut matched = 0;
-    for id in ids {
-        if found.get(matched).is_some_and(|u| u.id == *id) {
-            matched += 1;
-        }
-    }
-    if matched == found.len() {
-        return found;
-    }
-    let by_id: HashMap<UserId, User> = found.into_iter().map(|u| (u.id, u)).collect();
-    ids.iter().filter_map(|id| by_id.get(id).cloned()).collect()
 }
 
 struct Reader<'a> {
@@ -208,13 +176,6 @@ mod tests {
             ]
         );
         assert_eq!(users("[]").unwrap(), []);
-        let json = r#"[[[7,"a","a@x.io",1]],[],[[9,"c","c@x.io",2],[7,"a","a@x.io",1]]]"#;
-        let ids: Vec<Vec<u32>> = groups(json)
-            .unwrap()
-            .into_iter()
-            .map(|g| g.into_iter().map(|u| u.id.get()).collect())
-            .collect();
-        assert_eq!(ids, [vec![7], vec![], vec![9, 7]]);
     }
 
     /// Whatever serde_json writes for a user (escapes and all), and with
@@ -276,28 +237,6 @@ mod tests {
         ] {
             assert!(users(json).is_err(), "{json:?}");
         }
-        assert!(groups(r#"[[1,"a","b@c.d",1]]"#).is_err());
-        assert!(groups("[[]").is_err());
-    }
-
-    #[test]
-    fn answers_follow_the_ids_whatever_order_the_rows_came_in() {
-        let user = |id| row(id, "n", "n@x.io", 1);
-        let ids: Vec<UserId> = [3, 1, 9, 3, 2, 1]
-            .into_iter()
-            .filter_map(UserId::new)
-            .collect();
-        let want: Vec<User> = [3, 1, 3, 2, 1].into_iter().map(user).collect();
-        for order in [
-            [3, 1, 3, 2, 1],
-            [1, 1, 2, 3, 3],
-            [2, 3, 1, 3, 1],
-            [1, 3, 3, 2, 1],
-        ] {
-            let found = order.into_iter().map(user).collect();
-            assert_eq!(in_order_of(&ids, found), want, "{order:?}");
-        }
-        assert_eq!(in_order_of(&ids, Vec::new()), []);
     }
 
     #[test]
