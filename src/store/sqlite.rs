@@ -324,15 +324,16 @@ fn to_user((id, nickname, mail_address, user_type): Row) -> Result<User, StoreEr
 }
 
 /// Ids as a JSON array, for `json_each`: one statement for any batch size.
+/// (itoa, not `write!`: the formatting machinery cost 500 instructions an id.)
 fn json_array(ids: &[UserId]) -> String {
-    use std::fmt::Write;
     let mut json = String::with_capacity(ids.len() * 8 + 2);
+    let mut digits = itoa::Buffer::new();
     json.push('[');
     for (i, id) in ids.iter().enumerate() {
         if i > 0 {
             json.push(',');
         }
-        let _ = write!(json, "{id}");
+        json.push_str(digits.format(id.get()));
     }
     json.push(']');
     json
@@ -386,5 +387,7 @@ mod tests {
         let ids: Vec<UserId> = [3, 1, 3].into_iter().filter_map(UserId::new).collect();
         assert_eq!(json_array(&ids), "[3,1,3]");
         assert_eq!(json_array(&[]), "[]");
+        let extremes: Vec<UserId> = [1, u32::MAX].into_iter().filter_map(UserId::new).collect();
+        assert_eq!(json_array(&extremes), "[1,4294967295]");
     }
 }
