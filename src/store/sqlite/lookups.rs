@@ -276,18 +276,27 @@ fn union<'a>(lists: impl IntoIterator<Item = &'a [UserId]>) -> Vec<UserId> {
     ids
 }
 
+/// The one JSON value a query over the JSON array of `ids` answers.
+async fn over_ids(
+    conn: &mut Reader<'_>,
+    query: &'static str,
+    ids: &[UserId],
+    context: &str,
+) -> Result<String, StoreError> {
+    sqlx::query_scalar(query)
+        .bind(json_array(ids))
+        .fetch_one(&mut **conn)
+        .await
+        .map_err(|e| classify(e, context))
+}
+
 /// The users of `ids` (distinct), ascending by id.
 async fn users_of(
     conn: &mut Reader<'_>,
     ids: &[UserId],
     context: &str,
 ) -> Result<Vec<User>, StoreError> {
-    let json: String = sqlx::query_scalar(SELECT_MANY)
-        .bind(json_array(ids))
-        .fetch_one(&mut **conn)
-        .await
-        .map_err(|e| classify(e, context))?;
-    let mut users = rows::users(&json)?;
+    let mut users = rows::users(&over_ids(conn, SELECT_MANY, ids, context).await?)?;
     // In the order of `ids` as SQLite answers today; any order would do.
     if !users.is_sorted_by_key(|u| u.id) {
         users.sort_unstable_by_key(|u| u.id);
@@ -301,11 +310,7 @@ async fn existing(
     ids: &[UserId],
     context: &str,
 ) -> Result<Vec<UserId>, StoreError> {
-    let json: String = sqlx::query_scalar(SELECT_EXISTING)
-        .bind(json_array(ids))
-        .fetch_one(&mut **conn)
-        .await
-        .map_err(|e| classify(e, context))?;
+    let json = over_ids(conn, SELECT_EXISTING, ids, context).await?;
     let mut found: Vec<UserId> = serde_json::from_str::<Vec<u32>>(&json)
         .map_err(|e| StoreError::Internal(format!("decoding stored ids: {e}")))?
         .into_iter()
