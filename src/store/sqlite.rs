@@ -40,6 +40,12 @@ const SELECT_BY_ID: &str = "SELECT id, nickname, mail_address, user_type FROM us
 const SELECT_MANY: &str = "SELECT json_group_array(\
      json_array(u.id, u.nickname, u.mail_address, u.user_type)) \
      FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
+/// The ids among `?1` (a JSON array) that have a user, each as often as it
+/// is listed: for a batch of counts (answered from the distinct ids) and
+/// for the group commit (which ids are taken). A join, not `id IN (SELECT
+/// …)`, which makes SQLite build a temporary B-tree of the ids first.
+const SELECT_EXISTING: &str = "SELECT json_group_array(u.id) \
+     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
 const COUNT_MANY: &str =
     "SELECT COUNT(*) FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
 // The page comes in id order from the index; ordering the aggregate again

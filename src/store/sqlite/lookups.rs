@@ -16,7 +16,7 @@ use std::sync::{
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{
-    COUNT_MANY, Row, SELECT_BY_ID, SELECT_MANY, classify, closed, json_array,
+    COUNT_MANY, Row, SELECT_BY_ID, SELECT_EXISTING, SELECT_MANY, classify, closed, json_array,
     readers::{Reader, Readers},
     rows, to_user,
 };
@@ -29,11 +29,6 @@ use crate::{
 const MAX_COALESCED: usize = 64;
 /// Lookups waiting for a connection before callers wait to queue theirs.
 const QUEUE: usize = 1024;
-
-/// The ids among `?1` (a JSON array) that have a user, each as often as it
-/// is listed: the counts of a batch, answered from the union of their ids.
-const SELECT_EXISTING: &str = "SELECT json_group_array(u.id) \
-     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
 
 /// What a lookup wants to know about its ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,15 +319,19 @@ async fn existing(
 /// users of the union of the lists, ascending by id). A user asked for once
 /// is moved into its answer; one asked for again is copied.
 fn distribute(lists: &[&[UserId]], found: Vec<User>) -> Vec<Vec<User>> {
-    let at = |id: &UserId| found_index(&found, *id);
-    let mut asked = vec![0u32; found.len()];
-    for i in lists.iter().flat_map(|ids| ids.iter()).filter_map(at) {
-        asked[i] += 1;
-    }
+    // Where each list's users are in `found`, and how often each is asked for.
     let index: Vec<Vec<usize>> = lists
         .iter()
-        .map(|ids| ids.iter().filter_map(at).collect())
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|id| found.binary_search_by_key(id, |u| u.id).ok())
+                .collect()
+        })
         .collect();
+    let mut asked = vec![0u32; found.len()];
+    for &i in index.iter().flatten() {
+        asked[i] += 1;
+    }
     let mut found: Vec<Option<User>> = found.into_iter().map(Some).collect();
     index
         .into_iter()
@@ -350,10 +349,6 @@ fn distribute(lists: &[&[UserId]], found: Vec<User>) -> Vec<Vec<User>> {
                 .collect()
         })
         .collect()
-}
-
-fn found_index(found: &[User], id: UserId) -> Option<usize> {
-    found.binary_search_by_key(&id, |u| u.id).ok()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::{collections::HashSet, sync::Arc};
 use sqlx::SqliteConnection;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{classify, closed, file::DbFile};
+use super::{SELECT_EXISTING, classify, closed, file::DbFile};
 use crate::{
     domain::User,
     store::{AddOutcome, StoreError},
@@ -96,10 +96,6 @@ async fn insert_batch(
     result
 }
 
-/// The ids among `ids` that have a user. A join, not `id IN (SELECT …)`,
-/// which makes SQLite build a temporary B-tree of the ids first.
-const EXISTING: &str = "SELECT json_group_array(u.id) \
-     FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
 /// Inserts users given as a JSON array of [id, nickname, mail_address,
 /// user_type]. `jsonb_each` parses the array once and gives each row as
 /// JSONB, which `->>` reads as it is; `json_each` gives each row as text,
@@ -121,7 +117,7 @@ async fn insert_group(
 ) -> Result<Vec<AddOutcome>, StoreError> {
     let ctx = "adding users";
     let ids: Vec<u32> = batch.iter().map(|r| r.user.id.get()).collect();
-    let existing: String = sqlx::query_scalar(EXISTING)
+    let existing: String = sqlx::query_scalar(SELECT_EXISTING)
         .bind(serde_json::to_string(&ids).map_err(|e| StoreError::Internal(e.to_string()))?)
         .fetch_one(&mut *conn)
         .await
