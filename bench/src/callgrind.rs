@@ -15,14 +15,14 @@ use std::{
     ffi::OsString,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 
 use crate::{
     load::{self, Outcome},
-    process::{Database, ServerProcess},
+    process::{Database, ServerProcess, cpu_time},
 };
 
 /// Callers sending the counted calls (a fixed number: the count must not
@@ -108,6 +108,7 @@ pub async fn count(
     };
     let pid = server.pid();
     let channels = server.connect(1).await?;
+    settle(pid).await;
     control(pid, "--instr=on")?;
     let get_user = || load::get_user_call(users);
     let by_ids = || load::by_ids_call(users, IDS_PER_CALL);
@@ -129,6 +130,22 @@ pub async fn count(
         get_user: Some(get_user),
         by_ids: Some(by_ids),
     })
+}
+
+/// Waits until `pid` has stopped using the CPU (at most a minute): what a
+/// server does once after start, in the background (user-manager's SQLite
+/// store reads every id into memory), is not a call's work.
+async fn settle(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut used = cpu_time(pid);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = cpu_time(pid);
+        if now.saturating_sub(used) < Duration::from_millis(10) {
+            return;
+        }
+        used = now;
+    }
 }
 
 fn checked(outcome: Outcome) -> anyhow::Result<u64> {
@@ -169,7 +186,7 @@ fn dump(pid: u32, out: &Path) -> anyhow::Result<f64> {
         {
             return Ok(total);
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     bail!("no callgrind dump appeared next to {}", out.display())
 }

@@ -5,6 +5,7 @@
 //! (group commit).
 
 mod file;
+mod ids;
 mod lookups;
 mod readers;
 mod rows;
@@ -21,6 +22,7 @@ use tracing::field::Empty;
 
 use self::{
     file::{AtPath, DbFile, FileId},
+    ids::Ids,
     lookups::Lookups,
     readers::Readers,
     writer::{INSERT_QUEUE, InsertRequest, Writer, insert, run_writer},
@@ -79,6 +81,8 @@ const CACHE_KIB: i64 = 512;
 pub struct SqliteStore {
     reads: Arc<Readers>,
     lookups: Lookups,
+    /// Every stored id, once built (see `ids`).
+    ids: Arc<Ids>,
     writer: Writer,
     inserts: mpsc::Sender<InsertRequest>,
     /// The database file, for readiness checks; `None` for in-memory databases.
@@ -129,11 +133,13 @@ impl SqliteStore {
         let reads = Arc::new(reads);
         let lookups = Lookups::start(reads.clone());
         let writer: Writer = Arc::new(Mutex::new(Some(writer)));
+        let ids = Arc::new(Ids::default());
         let (inserts, queue) = mpsc::channel(INSERT_QUEUE);
-        tokio::spawn(run_writer(writer.clone(), queue, file.clone()));
+        tokio::spawn(run_writer(writer.clone(), queue, file.clone(), ids.clone()));
         Ok(Self {
             reads,
             lookups,
+            ids,
             writer,
             inserts,
             file,
@@ -169,8 +175,43 @@ impl SqliteStore {
             tracing::warn!(error = %e, "closing the replaced database");
         }
         self.reads.reopen();
+        self.ids.invalidate("the database file was replaced");
+        self.ids.forget_data_version();
         file.reopened(now);
         tracing::warn!(path = %file.path().display(), "the database file was replaced: reopened");
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
+        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
+    async fn select_by_ids(&self, ids: Vec<UserId>) -> Result<Vec<User>, StoreError> {
+        self.lookups.users(ids).await
+    }
+
+    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
+        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
+    async fn count_by_query(&self, ids: Vec<UserId>) -> Result<u64, StoreError> {
+        self.lookups.count(ids).await
+    }
+
+    /// Whether every stored id is in memory (see `ids`): for tests.
+    pub fn ids_in_memory(&self) -> bool {
+        self.ids.is_complete()
+    }
+
+    /// Notices a commit by another process (the write connection's
+    /// `data_version` moved), then builds the ids in memory if they aren't.
+    async fn watch_ids(&self) -> Result<(), StoreError> {
+        let version: i64 = {
+            let mut writer = self.writer.lock().await;
+            let conn = writer.as_mut().ok_or_else(closed)?;
+            sqlx::query_scalar("PRAGMA data_version")
+                .fetch_one(conn)
+                .await
+                .map_err(|e| classify(e, "checking the database"))?
+        };
+        self.ids.observe_data_version(version);
+        self.ids.build_in_background(self.reads.clone());
         Ok(())
     }
 
@@ -221,25 +262,31 @@ impl UserStore for SqliteStore {
         .await
         .map_err(|e| classify(e, ctx))?;
         tx.commit().await.map_err(|e| classify(e, ctx))?;
+        // Every seed id has a user now: imported, or there before.
+        self.ids.committed(users.iter().map(|u| u.id.get()));
         Ok(SeedOutcome::Imported { users: imported })
     }
 
-    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
-        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        Ok(self.lookups.users(vec![id]).await?.into_iter().next())
+        if self.ids.count(&[id]) == Some(0) {
+            return Ok(None);
+        }
+        Ok(self.select_by_ids(vec![id]).await?.into_iter().next())
     }
 
-    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
-        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
-        self.lookups.users(ids.to_vec()).await
+        match self.ids.present(ids) {
+            Some(present) if present.is_empty() => Ok(Vec::new()),
+            Some(present) => self.select_by_ids(present).await,
+            None => self.select_by_ids(ids.to_vec()).await,
+        }
     }
 
-    #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
-        db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
     async fn count_existing(&self, ids: &[UserId]) -> Result<u64, StoreError> {
-        self.lookups.count(ids.to_vec()).await
+        match self.ids.count(ids) {
+            Some(n) => Ok(n),
+            None => self.count_by_query(ids.to_vec()).await,
+        }
     }
 
     #[tracing::instrument(name = "INSERT users", level = "debug", skip_all, fields(db.system = "sqlite",
@@ -307,7 +354,8 @@ impl UserStore for SqliteStore {
             file.ensure_same()?;
             file.note_wal();
         }
-        result
+        result?;
+        self.watch_ids().await
     }
 
     async fn close(&self) {

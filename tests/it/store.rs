@@ -14,10 +14,13 @@ use user_manager::{
 use crate::common::postgres as pg;
 
 /// A store over an empty, migrated database, and what keeps it alive.
+/// `sqlite-ids`: SQLite with every stored id in memory (built by the
+/// readiness check, as when serving), so reads and adds take those paths;
+/// `sqlite`: before that, every read a query.
 pub(crate) async fn open(backend: &str) -> (Store, Option<TempDir>) {
     let mut settings = Settings::embedded_default();
     let dir = match backend {
-        "sqlite" => {
+        "sqlite" | "sqlite-ids" => {
             let dir = tempfile::tempdir().unwrap();
             settings.database.url = format!("sqlite://{}", dir.path().join("users.db").display());
             Some(dir)
@@ -30,7 +33,30 @@ pub(crate) async fn open(backend: &str) -> (Store, Option<TempDir>) {
     };
     let store = Store::open(&settings.database).await.expect("store opens");
     store.migrate().await.expect("migrates");
+    if backend == "sqlite-ids" {
+        ids_in_memory(&store).await;
+    }
     (store, dir)
+}
+
+/// Runs the readiness check, which builds the SQLite store's ids in memory,
+/// until they are.
+async fn ids_in_memory(store: &Store) {
+    let Store::Sqlite(sqlite) = store else {
+        panic!("not SQLite")
+    };
+    for _ in 0..500 {
+        store.check().await.expect("readable");
+        if sqlite.ids_in_memory() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the ids never reached memory");
+}
+
+fn sqlite_ids_in_memory(store: &Store) -> bool {
+    matches!(store, Store::Sqlite(s) if s.ids_in_memory())
 }
 
 fn user(id: u32, nickname: &str, user_type: i32) -> User {
@@ -322,6 +348,89 @@ async fn concurrent_adds_are_each_told_the_truth(backend: &str) {
     store.close().await;
 }
 
+/// Users stored before the ids are read into memory are all there after,
+/// and reads answered from memory agree with the database's answers.
+#[tokio::test]
+async fn sqlite_ids_in_memory_hold_the_users_stored_before() {
+    within_a_minute(async {
+        let (store, _dir) = open("sqlite").await;
+        // More than one page of the build (8192 ids), with gaps.
+        let users: Vec<User> = (1..=20_000u32)
+            .filter(|id| id % 3 != 0)
+            .map(|id| user(id, &format!("u{id}"), 1))
+            .collect();
+        assert_eq!(
+            store.seed(&users).await.unwrap(),
+            SeedOutcome::Imported { users: users.len() }
+        );
+        let asked = ids(&[3, 1, 19_999, 20_000, 20_001, 1, 9_000, 8_192, 8_194]);
+        let count = store.count_existing(&asked).await.unwrap();
+        let found = id_list(&store.get_many(&asked).await.unwrap());
+        assert!(!sqlite_ids_in_memory(&store));
+        ids_in_memory(&store).await;
+        assert_eq!(store.count_existing(&asked).await.unwrap(), count);
+        assert_eq!(count, 6);
+        assert_eq!(id_list(&store.get_many(&asked).await.unwrap()), found);
+        assert_eq!(found, [1, 19_999, 20_000, 1, 8_192, 8_194]);
+        assert_eq!(store.get(UserId::new(3).unwrap()).await.unwrap(), None);
+        assert!(store.get(UserId::new(2).unwrap()).await.unwrap().is_some());
+        store.close().await;
+    })
+    .await;
+}
+
+/// Another process writing to the file breaks the one-writer contract, but
+/// is still noticed: by the next readiness check (SQLite's data_version), or
+/// sooner by an add of an id it took. Reads then go to the database until
+/// the ids are read again.
+#[tokio::test]
+async fn sqlite_ids_in_memory_notice_another_writer() {
+    use sqlx::Connection;
+    within_a_minute(async {
+        let (store, dir) = open("sqlite-ids").await;
+        store.add(user(1, "ours", 1)).await.unwrap();
+        let url = format!(
+            "sqlite://{}",
+            dir.as_ref().unwrap().path().join("users.db").display()
+        );
+        let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        for id in [2, 3] {
+            sqlx::query(
+                "INSERT INTO users (id, nickname, mail_address, user_type)                  VALUES (?1, 'theirs', 'theirs@example.com', 1)",
+            )
+            .bind(id)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        }
+        // An add of an id the other process took: told the truth.
+        assert_eq!(
+            store.add(user(2, "ours", 1)).await.unwrap(),
+            AddOutcome::AlreadyExists
+        );
+        assert!(!sqlite_ids_in_memory(&store), "dropped by that add");
+        assert_eq!(store.count_existing(&ids(&[1, 2, 3])).await.unwrap(), 3);
+        ids_in_memory(&store).await;
+        assert_eq!(store.count_existing(&ids(&[1, 2, 3, 4])).await.unwrap(), 3);
+
+        // A write alone: the next check notices it.
+        sqlx::query(
+            "INSERT INTO users (id, nickname, mail_address, user_type)              VALUES (4, 'theirs', 'theirs@example.com', 1)",
+        )
+        .execute(&mut other)
+        .await
+        .unwrap();
+        store.check().await.unwrap();
+        assert_eq!(store.count_existing(&ids(&[4])).await.unwrap(), 1);
+        assert_eq!(id_list(&store.get_many(&ids(&[4])).await.unwrap()), [4]);
+        ids_in_memory(&store).await;
+        assert_eq!(store.count_existing(&ids(&[1, 2, 3, 4])).await.unwrap(), 4);
+        other.close().await.unwrap();
+        store.close().await;
+    })
+    .await;
+}
+
 /// Each contract test once per backend: `store::sqlite::NAME`, `store::postgres::NAME`.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -330,6 +439,14 @@ macro_rules! contract {
                 #[tokio::test]
                 async fn $name() {
                     super::within_a_minute(super::$name("sqlite")).await;
+                }
+            )*
+        }
+        mod sqlite_ids {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::within_a_minute(super::$name("sqlite-ids")).await;
                 }
             )*
         }

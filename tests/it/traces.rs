@@ -216,8 +216,18 @@ async fn reflection_lists_services(url: &str) {
 }
 
 /// Writes users with ids `first..=last` of `user_type` into the server's
-/// database behind its back, plus `extra` (SQL) if any.
-async fn insert_users(dir: &std::path::Path, first: u32, last: u32, user_type: i32, extra: &str) {
+/// database behind its back, plus `extra` (SQL) if any, and waits until the
+/// server has noticed (at its next readiness check: SQLite's one writer
+/// otherwise answers from the ids it holds in memory).
+async fn insert_users(
+    server: &ServerProcess,
+    dir: &std::path::Path,
+    first: u32,
+    last: u32,
+    user_type: i32,
+    extra: &str,
+) {
+    let logged = server.log().len();
     let url = format!("sqlite://{}", common::db_path(dir).display());
     let mut db = SqliteConnection::connect(&url).await.unwrap();
     let bulk = format!(
@@ -231,6 +241,9 @@ async fn insert_users(dir: &std::path::Path, first: u32, last: u32, user_type: i
         .await
         .unwrap();
     db.close().await.unwrap();
+    server
+        .wait_for_log(logged, "another process wrote to the database")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,7 +254,7 @@ async fn server_faults_are_errors_and_client_faults_are_not() {
     // A user the service can't read back (an empty nickname), id 5000, after
     // 601 readable DISABLED ones: the stream of those fails after a page.
     let unreadable = "INSERT INTO users VALUES (5000, '', 'broken@example.com', 4)";
-    insert_users(dir.path(), 1000, 1600, DISABLED, unreadable).await;
+    insert_users(&server, dir.path(), 1000, 1600, DISABLED, unreadable).await;
     let mut client = server.client().await;
 
     let internal = client.get_user(UserRequest { id: 5000 }).await.unwrap_err();
@@ -442,7 +455,7 @@ async fn cancelled_and_timed_out_streams_end_their_spans_with_that_status() {
 
     // A stream the client walks away from after the first answer, too long
     // for flow control to let the server finish it first.
-    insert_users(dir.path(), 1000, 30999, NORMAL, "").await;
+    insert_users(&server, dir.path(), 1000, 30999, NORMAL, "").await;
     let mut answers = client
         .get_users_by_type(UserTypeRequest { user_type: NORMAL })
         .await
@@ -485,7 +498,7 @@ async fn json_log_lines_carry_the_trace_and_span_ids() {
     )
     .await;
     let unreadable = "INSERT INTO users VALUES (5000, '', 'broken@example.com', 4)";
-    insert_users(dir.path(), 1000, 1000, DISABLED, unreadable).await;
+    insert_users(&server, dir.path(), 1000, 1000, DISABLED, unreadable).await;
     let mut client = server.client().await;
     let failed = client.get_user(UserRequest { id: 5000 }).await.unwrap_err();
     assert_eq!(failed.code(), Code::Internal);

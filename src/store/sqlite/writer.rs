@@ -7,9 +7,9 @@ use std::{collections::HashSet, sync::Arc};
 use sqlx::SqliteConnection;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{SELECT_EXISTING, classify, closed, file::DbFile};
+use super::{SELECT_EXISTING, classify, closed, file::DbFile, ids::Ids};
 use crate::{
-    domain::User,
+    domain::{User, UserId},
     store::{AddOutcome, StoreError},
 };
 
@@ -33,6 +33,7 @@ pub(super) async fn run_writer(
     writer: Writer,
     mut queue: mpsc::Receiver<InsertRequest>,
     file: Option<Arc<DbFile>>,
+    ids: Arc<Ids>,
 ) {
     let mut batch = Vec::with_capacity(MAX_GROUP_COMMIT);
     while queue.recv_many(&mut batch, MAX_GROUP_COMMIT).await > 0 {
@@ -43,11 +44,20 @@ pub(super) async fn run_writer(
         }
         crate::instruments::get().group_commit(batch.len());
         let result = match writer.lock().await.as_mut() {
-            Some(conn) => insert_batch(conn, &batch, file.as_deref()).await,
+            Some(conn) => commit_group(conn, &batch, file.as_deref(), &ids).await,
             None => Err(closed()),
         };
         match result {
             Ok(outcomes) => {
+                // Before any caller hears of it: a count after an
+                // acknowledged add must see it.
+                ids.committed(
+                    batch
+                        .iter()
+                        .zip(&outcomes)
+                        .filter(|(_, o)| **o == AddOutcome::Added)
+                        .map(|(r, _)| r.user.id.get()),
+                );
                 for (req, outcome) in batch.drain(..).zip(outcomes) {
                     let _ = req.reply.send(Ok(outcome));
                 }
@@ -61,6 +71,50 @@ pub(super) async fn run_writer(
     }
 }
 
+/// Commits a group, asking the ids in memory which ids are taken when they
+/// are complete (a statement fewer), the database otherwise. Should memory
+/// be wrong (a row it lacks: another process wrote to the file since the
+/// last readiness check), it is dropped and the group tried again the way
+/// that asks the database.
+async fn commit_group(
+    conn: &mut SqliteConnection,
+    batch: &[InsertRequest],
+    file: Option<&DbFile>,
+    ids: &Ids,
+) -> Result<Vec<AddOutcome>, StoreError> {
+    let asked: Vec<UserId> = batch.iter().map(|r| r.user.id).collect();
+    let taken = ids
+        .present(&asked)
+        .map(|present| present.into_iter().map(UserId::get).collect());
+    match insert_batch(conn, batch, file, taken).await {
+        Ok(outcomes) => Ok(outcomes),
+        Err(Failed::Store(e)) => Err(e),
+        Err(Failed::Stale) => {
+            ids.invalidate("a commit found users the ids in memory lacked");
+            match insert_batch(conn, batch, file, None).await {
+                Ok(outcomes) => Ok(outcomes),
+                Err(Failed::Store(e)) => Err(e),
+                Err(Failed::Stale) => Err(StoreError::Internal(
+                    "adding users: fewer inserted than found new".into(),
+                )),
+            }
+        }
+    }
+}
+
+/// Why a group's transaction did not commit.
+enum Failed {
+    /// Fewer users were inserted than the ids believed free: none committed.
+    Stale,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failed {
+    fn from(e: StoreError) -> Self {
+        Failed::Store(e)
+    }
+}
+
 /// Inserts every request's user in one transaction: all commit, or none do.
 ///
 /// The transaction is plain SQL, not sqlx's `Transaction`: when COMMIT fails
@@ -71,14 +125,15 @@ async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: &[InsertRequest],
     file: Option<&DbFile>,
-) -> Result<Vec<AddOutcome>, StoreError> {
+    taken: Option<HashSet<u32>>,
+) -> Result<Vec<AddOutcome>, Failed> {
     let ctx = "adding users";
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *conn)
         .await
         .map_err(|e| classify(e, ctx))?;
     let result = async {
-        let outcomes = insert_group(conn, batch).await?;
+        let outcomes = insert_group(conn, batch, taken).await?;
         // Never acknowledge adds into a file deleted or replaced under us.
         file.map_or(Ok(()), DbFile::ensure_same)?;
         sqlx::query("COMMIT")
@@ -106,7 +161,7 @@ const INSERT_MANY: &str = "INSERT INTO users (id, nickname, mail_address, user_t
      ON CONFLICT (id) DO NOTHING";
 
 /// Inserts a group's users with two statements, whatever its size: which ids
-/// exist already, then every new user at once. Each statement is a round trip
+/// exist already (unless `taken` says), then every new user at once. Each statement is a round trip
 /// to the connection's thread, so one per user cost more than the inserts.
 /// Within the transaction (and with this the only writer) nothing changes
 /// between the two, so the outcomes are exact: a user whose id exists, or
@@ -114,18 +169,13 @@ const INSERT_MANY: &str = "INSERT INTO users (id, nickname, mail_address, user_t
 async fn insert_group(
     conn: &mut SqliteConnection,
     batch: &[InsertRequest],
-) -> Result<Vec<AddOutcome>, StoreError> {
+    taken: Option<HashSet<u32>>,
+) -> Result<Vec<AddOutcome>, Failed> {
     let ctx = "adding users";
-    let ids: Vec<u32> = batch.iter().map(|r| r.user.id.get()).collect();
-    let existing: String = sqlx::query_scalar(SELECT_EXISTING)
-        .bind(serde_json::to_string(&ids).map_err(|e| StoreError::Internal(e.to_string()))?)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| classify(e, ctx))?;
-    let mut taken: HashSet<u32> = serde_json::from_str::<Vec<u32>>(&existing)
-        .map_err(|e| StoreError::Internal(format!("decoding existing ids: {e}")))?
-        .into_iter()
-        .collect();
+    let mut taken = match taken {
+        Some(taken) => taken,
+        None => existing_ids(conn, batch).await?,
+    };
     let mut new = Vec::with_capacity(batch.len());
     let outcomes: Vec<AddOutcome> = batch
         .iter()
@@ -153,13 +203,31 @@ async fn insert_group(
             .map_err(|e| classify(e, ctx))?
             .rows_affected();
         if inserted != new.len() as u64 {
-            return Err(StoreError::Internal(format!(
-                "inserted {inserted} of {} new users",
-                new.len()
-            )));
+            tracing::warn!(
+                inserted,
+                new = new.len(),
+                "a group's ids were taken after all"
+            );
+            return Err(Failed::Stale);
         }
     }
     Ok(outcomes)
+}
+
+/// Which of the group's ids have a user, from the database.
+async fn existing_ids(
+    conn: &mut SqliteConnection,
+    batch: &[InsertRequest],
+) -> Result<HashSet<u32>, StoreError> {
+    let ids: Vec<u32> = batch.iter().map(|r| r.user.id.get()).collect();
+    let existing: String = sqlx::query_scalar(SELECT_EXISTING)
+        .bind(serde_json::to_string(&ids).map_err(|e| StoreError::Internal(e.to_string()))?)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| classify(e, "adding users"))?;
+    serde_json::from_str::<Vec<u32>>(&existing)
+        .map(|ids| ids.into_iter().collect())
+        .map_err(|e| StoreError::Internal(format!("decoding existing ids: {e}")))
 }
 
 /// Inserts one user unless the id is taken; returns the rows inserted (0 or 1).
