@@ -13,7 +13,7 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
     COUNT_MANY, Row, SELECT_BY_ID, SELECT_EXISTING, SELECT_MANY, classify, closed, json_array,
@@ -77,9 +77,10 @@ impl Lookups {
     pub(super) fn start(readers: Arc<Readers>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
+        let flight = Arc::new(InFlight::default());
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         for _ in 0..cores.min(readers.max() as usize).max(1) {
-            tokio::spawn(serve(rx.clone(), readers.clone()));
+            tokio::spawn(serve(rx.clone(), readers.clone(), flight.clone()));
         }
         Self {
             readers,
@@ -132,11 +133,59 @@ fn mismatch() -> StoreError {
     StoreError::Internal("a lookup got the wrong kind of answer".into())
 }
 
+/// Moves what is queued now into `batch`, up to `MAX_COALESCED` lookups;
+/// returns the number of ids moved.
+fn drain(queue: &mut mpsc::Receiver<Queued>, batch: &mut Vec<Queued>) -> usize {
+    let mut ids = 0;
+    while batch.len() < MAX_COALESCED {
+        let Ok(next) = queue.try_recv() else {
+            break;
+        };
+        ids += next.ids.len();
+        batch.push(next);
+    }
+    ids
+}
+
+/// Counts a query as ended when dropped, and tells the tasks waiting on it.
+struct Ended<'a>(&'a InFlight);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.queries.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.notify_waiters();
+    }
+}
+
+/// Queued ids from which a batch runs beside a query already under way
+/// instead of waiting for it to end. Lookups of one or a few ids (GetUser)
+/// gain from waiting: everything queued meanwhile joins the batch, and each
+/// query costs a round trip to a connection's thread, so two half-size
+/// queries at once cost more CPU than one. Big batches (the bulk streams',
+/// up to 512 ids each) are worth a connection each: SQLite's seeks are most
+/// of their cost, and one connection at a time made bulk GetUsersByIds 20 %
+/// slower. Measured idle with the build before beside it (BENCHMARKS.md):
+/// GetUser 79 → 73 µs of server CPU and 0.45 → 0.33 context switches per
+/// call, the bulk streams unchanged.
+const PARALLEL_IDS: usize = 256;
+
+/// Queries of queued lookups under way, and a signal when one ends.
+#[derive(Default)]
+struct InFlight {
+    queries: AtomicUsize,
+    ended: Notify,
+}
+
 /// Answers queued lookups. The task waiting for the next lookup holds the
-/// queue: once one arrives, it waits for a connection, and everything queued
-/// meanwhile goes into the same query. The other tasks wait their turn, each
-/// with the connection it will use being the next to come free.
-async fn serve(queue: Arc<Mutex<mpsc::Receiver<Queued>>>, readers: Arc<Readers>) {
+/// queue: once one arrives, it gathers a batch (see `PARALLEL_IDS`), waits
+/// for a connection, and everything queued meanwhile goes into the same
+/// query. The other tasks wait their turn, each with the connection it will
+/// use being the next to come free.
+async fn serve(
+    queue: Arc<Mutex<mpsc::Receiver<Queued>>>,
+    readers: Arc<Readers>,
+    flight: Arc<InFlight>,
+) {
     let ctx = "reading users by id";
     let mut batch = Vec::with_capacity(MAX_COALESCED);
     loop {
@@ -145,16 +194,37 @@ async fn serve(queue: Arc<Mutex<mpsc::Receiver<Queued>>>, readers: Arc<Readers>)
             let Some(first) = queue.recv().await else {
                 return;
             };
+            let mut ids = first.ids.len();
             batch.push(first);
-            let conn = readers.acquire().await;
-            while batch.len() < MAX_COALESCED {
-                let Ok(next) = queue.try_recv() else {
+            loop {
+                ids += drain(&mut queue, &mut batch);
+                if ids >= PARALLEL_IDS || batch.len() >= MAX_COALESCED {
                     break;
-                };
-                batch.push(next);
+                }
+                let ended = flight.ended.notified();
+                tokio::pin!(ended);
+                // Registered before the check: an end between the two is seen.
+                ended.as_mut().enable();
+                if flight.queries.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                tokio::select! {
+                    () = &mut ended => {}
+                    next = queue.recv() => match next {
+                        Some(q) => {
+                            ids += q.ids.len();
+                            batch.push(q);
+                        }
+                        None => break,
+                    },
+                }
             }
+            let conn = readers.acquire().await;
+            drain(&mut queue, &mut batch);
             conn
         };
+        flight.queries.fetch_add(1, Ordering::AcqRel);
+        let _ended = Ended(&flight);
         // A caller that went away needs no answer.
         batch.retain(|q| !q.reply.is_closed());
         match conn {
