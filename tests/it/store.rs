@@ -412,6 +412,13 @@ async fn sqlite_ids_in_memory_notice_another_writer() {
         assert_eq!(store.count_existing(&ids(&[1, 2, 3])).await.unwrap(), 3);
         ids_in_memory(&store).await;
         assert_eq!(store.count_existing(&ids(&[1, 2, 3, 4])).await.unwrap(), 3);
+        // Adds work as before once the ids are read again.
+        assert_eq!(
+            store.add(user(3, "ours", 1)).await.unwrap(),
+            AddOutcome::AlreadyExists
+        );
+        assert_eq!(store.add(user(5, "ours", 1)).await.unwrap(), AddOutcome::Added);
+        assert_eq!(store.count_existing(&ids(&[5])).await.unwrap(), 1);
 
         // A write alone: the next check notices it.
         sqlx::query(
@@ -424,7 +431,7 @@ async fn sqlite_ids_in_memory_notice_another_writer() {
         assert_eq!(store.count_existing(&ids(&[4])).await.unwrap(), 1);
         assert_eq!(id_list(&store.get_many(&ids(&[4])).await.unwrap()), [4]);
         ids_in_memory(&store).await;
-        assert_eq!(store.count_existing(&ids(&[1, 2, 3, 4])).await.unwrap(), 4);
+        assert_eq!(store.count_existing(&ids(&[1, 2, 3, 4, 5])).await.unwrap(), 5);
         other.close().await.unwrap();
         store.close().await;
     })

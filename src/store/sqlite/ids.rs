@@ -18,7 +18,7 @@
 //! commit at the next readiness check (SQLite's `PRAGMA data_version`).
 
 use std::sync::{
-    RwLock, RwLockReadGuard, RwLockWriteGuard,
+    Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -132,10 +132,7 @@ impl Ids {
 
     /// Reads every stored id into the set, unless it is complete or a build
     /// is under way. Runs on its own task; lookups use the database meanwhile.
-    pub(super) fn build_in_background(
-        self: &std::sync::Arc<Self>,
-        readers: std::sync::Arc<Readers>,
-    ) {
+    pub(super) fn build_in_background(self: &Arc<Self>, readers: Arc<Readers>) {
         if self.read().complete || self.building.swap(true, Ordering::AcqRel) {
             return;
         }

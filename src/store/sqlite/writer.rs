@@ -71,11 +71,11 @@ pub(super) async fn run_writer(
     }
 }
 
-/// Commits a group, asking the ids in memory which ids are taken when they
-/// are complete (a statement fewer), the database otherwise. Should memory
-/// be wrong (a row it lacks: another process wrote to the file since the
-/// last readiness check), it is dropped and the group tried again the way
-/// that asks the database.
+/// Commits a group. With every stored id in memory, which of the group's
+/// users are new is known before the transaction starts, and the whole
+/// transaction is one statement list, one round trip to the connection's
+/// thread (`commit_known`). Otherwise, or should memory prove wrong, the
+/// database is asked (`commit_asking`).
 async fn commit_group(
     conn: &mut SqliteConnection,
     batch: &[InsertRequest],
@@ -83,57 +83,87 @@ async fn commit_group(
     ids: &Ids,
 ) -> Result<Vec<AddOutcome>, StoreError> {
     let asked: Vec<UserId> = batch.iter().map(|r| r.user.id).collect();
-    let taken = ids
-        .present(&asked)
-        .map(|present| present.into_iter().map(UserId::get).collect());
-    match insert_batch(conn, batch, file, taken).await {
-        Ok(outcomes) => Ok(outcomes),
-        Err(Failed::Store(e)) => Err(e),
-        Err(Failed::Stale) => {
-            ids.invalidate("a commit found users the ids in memory lacked");
-            match insert_batch(conn, batch, file, None).await {
-                Ok(outcomes) => Ok(outcomes),
-                Err(Failed::Store(e)) => Err(e),
-                Err(Failed::Stale) => Err(StoreError::Internal(
-                    "adding users: fewer inserted than found new".into(),
-                )),
+    if let Some(present) = ids.present(&asked) {
+        let taken = present.into_iter().map(UserId::get).collect();
+        match commit_known(conn, batch, file, taken).await {
+            Err(Known::Taken) => {
+                // Another process wrote to the file since the last readiness check.
+                ids.invalidate("a commit found users the ids in memory lacked");
+            }
+            Err(Known::Failed(e)) => return Err(e),
+            Ok(outcomes) => return Ok(outcomes),
+        }
+    }
+    commit_asking(conn, batch, file).await
+}
+
+/// Why `commit_known` committed nothing.
+enum Known {
+    /// An id believed free was taken.
+    Taken,
+    Failed(StoreError),
+}
+
+/// With the ids in memory: BEGIN, every new user, COMMIT in one execution.
+/// No ON CONFLICT: an id memory believed free but taken fails the INSERT
+/// (a unique violation) before COMMIT runs, and nothing commits.
+const INSERT_KNOWN_AND_COMMIT: &str = "BEGIN IMMEDIATE; \
+     INSERT INTO users (id, nickname, mail_address, user_type) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM jsonb_each(?1); \
+     COMMIT";
+
+/// Commits the group's new users, `taken` being the ids that have one.
+async fn commit_known(
+    conn: &mut SqliteConnection,
+    batch: &[InsertRequest],
+    file: Option<&DbFile>,
+    taken: HashSet<u32>,
+) -> Result<Vec<AddOutcome>, Known> {
+    let (outcomes, new) = sort_group(batch, taken);
+    if new.is_empty() {
+        return Ok(outcomes);
+    }
+    // Never acknowledge adds into a file deleted or replaced under us.
+    file.map_or(Ok(()), DbFile::ensure_same)
+        .map_err(Known::Failed)?;
+    let rows = serde_json::to_string(&new)
+        .map_err(|e| Known::Failed(StoreError::Internal(e.to_string())))?;
+    match sqlx::query(INSERT_KNOWN_AND_COMMIT)
+        .bind(rows)
+        .execute(&mut *conn)
+        .await
+    {
+        Ok(_) => Ok(outcomes),
+        Err(e) => {
+            // Whichever statement failed, no transaction stays open.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            match &e {
+                sqlx::Error::Database(db) if db.is_unique_violation() => Err(Known::Taken),
+                _ => Err(Known::Failed(classify(e, "adding users"))),
             }
         }
     }
 }
 
-/// Why a group's transaction did not commit.
-enum Failed {
-    /// Fewer users were inserted than the ids believed free: none committed.
-    Stale,
-    Store(StoreError),
-}
-
-impl From<StoreError> for Failed {
-    fn from(e: StoreError) -> Self {
-        Failed::Store(e)
-    }
-}
-
-/// Inserts every request's user in one transaction: all commit, or none do.
+/// Inserts every request's user in one transaction, asking the database
+/// which ids are taken: all commit, or none do.
 ///
 /// The transaction is plain SQL, not sqlx's `Transaction`: when COMMIT fails
 /// (a full disk), sqlx still counts a transaction as open, so its next
 /// `begin()` issues a SAVEPOINT and its "commit" a RELEASE inside a
 /// transaction that never commits: adds acknowledged, never written.
-async fn insert_batch(
+async fn commit_asking(
     conn: &mut SqliteConnection,
     batch: &[InsertRequest],
     file: Option<&DbFile>,
-    taken: Option<HashSet<u32>>,
-) -> Result<Vec<AddOutcome>, Failed> {
+) -> Result<Vec<AddOutcome>, StoreError> {
     let ctx = "adding users";
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *conn)
         .await
         .map_err(|e| classify(e, ctx))?;
     let result = async {
-        let outcomes = insert_group(conn, batch, taken).await?;
+        let outcomes = insert_group(conn, batch).await?;
         // Never acknowledge adds into a file deleted or replaced under us.
         file.map_or(Ok(()), DbFile::ensure_same)?;
         sqlx::query("COMMIT")
@@ -160,24 +190,17 @@ const INSERT_MANY: &str = "INSERT INTO users (id, nickname, mail_address, user_t
      SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM jsonb_each(?1) WHERE true \
      ON CONFLICT (id) DO NOTHING";
 
-/// Inserts a group's users with two statements, whatever its size: which ids
-/// exist already (unless `taken` says), then every new user at once. Each statement is a round trip
-/// to the connection's thread, so one per user cost more than the inserts.
-/// Within the transaction (and with this the only writer) nothing changes
-/// between the two, so the outcomes are exact: a user whose id exists, or
-/// came earlier in the group, already exists.
-async fn insert_group(
-    conn: &mut SqliteConnection,
+/// A new user as `INSERT_MANY` reads it.
+type NewRow<'a> = (u32, &'a str, &'a str, i32);
+
+/// Each request's outcome given the ids `taken`, and the users to insert: a
+/// user whose id is taken, or came earlier in the group, already exists.
+fn sort_group(
     batch: &[InsertRequest],
-    taken: Option<HashSet<u32>>,
-) -> Result<Vec<AddOutcome>, Failed> {
-    let ctx = "adding users";
-    let mut taken = match taken {
-        Some(taken) => taken,
-        None => existing_ids(conn, batch).await?,
-    };
+    mut taken: HashSet<u32>,
+) -> (Vec<AddOutcome>, Vec<NewRow<'_>>) {
     let mut new = Vec::with_capacity(batch.len());
-    let outcomes: Vec<AddOutcome> = batch
+    let outcomes = batch
         .iter()
         .map(|r| {
             let u = &r.user;
@@ -194,6 +217,20 @@ async fn insert_group(
             }
         })
         .collect();
+    (outcomes, new)
+}
+
+/// Inserts a group's users with two statements, whatever its size: which ids
+/// exist already, then every new user at once. Each statement is a round
+/// trip to the connection's thread, so one per user cost more than the
+/// inserts. Within the transaction (and with this the only writer) nothing
+/// changes between the two, so the outcomes are exact.
+async fn insert_group(
+    conn: &mut SqliteConnection,
+    batch: &[InsertRequest],
+) -> Result<Vec<AddOutcome>, StoreError> {
+    let ctx = "adding users";
+    let (outcomes, new) = sort_group(batch, existing_ids(conn, batch).await?);
     if !new.is_empty() {
         let rows = serde_json::to_string(&new).map_err(|e| StoreError::Internal(e.to_string()))?;
         let inserted = sqlx::query(INSERT_MANY)
@@ -203,12 +240,10 @@ async fn insert_group(
             .map_err(|e| classify(e, ctx))?
             .rows_affected();
         if inserted != new.len() as u64 {
-            tracing::warn!(
-                inserted,
-                new = new.len(),
-                "a group's ids were taken after all"
-            );
-            return Err(Failed::Stale);
+            return Err(StoreError::Internal(format!(
+                "inserted {inserted} of {} new users",
+                new.len()
+            )));
         }
     }
     Ok(outcomes)
