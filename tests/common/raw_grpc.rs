@@ -31,7 +31,11 @@ pub async fn raw_grpc_call(
         request = request.header(*k, *v);
     }
     let (response, mut send) = h2.send_request(request.body(()).unwrap(), false).unwrap();
-    send.send_data(body, !keep_open).unwrap();
+    // The server may answer from the headers alone and end the stream
+    // before the body is sent (an unknown method is UNIMPLEMENTED at once):
+    // the body then has nowhere to go (h2's InactiveStreamId), and the
+    // answer below, which every caller checks, is what counts.
+    let _ = send.send_data(body, !keep_open);
     let response = response.await.unwrap();
     let http_status = response.status().as_u16();
     let header = |map: &http::HeaderMap, name: &str| {
