@@ -55,6 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         // Decode errors in requests answer INVALID_ARGUMENT (src/grpc/codec.rs).
         .codec_path("crate::grpc::codec::Codec")
+        // Written by hand so it can carry a stored user already encoded
+        // (src/grpc/response.rs).
+        .extern_path(".UserResponse", "crate::grpc::response::UserResponse")
         .compile_fds(descriptors)?;
     Ok(())
 }

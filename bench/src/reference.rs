@@ -50,20 +50,15 @@ struct Reference {
     users: Users,
 }
 
+// The message type is user-manager's (hand-written so it can also carry
+// pre-encoded bytes); built this way it encodes exactly as prost's derived
+// code would, with the same prost encoding functions.
 fn found(user: User) -> UserResponse {
-    UserResponse {
-        error: false,
-        message: String::new(),
-        user: Some(user),
-    }
+    UserResponse::new(false, String::new(), Some(user))
 }
 
 fn failure(message: &str) -> UserResponse {
-    UserResponse {
-        error: true,
-        message: message.into(),
-        user: None,
-    }
+    UserResponse::new(true, message.into(), None)
 }
 
 fn lookup(users: &Users, id: u32) -> Option<User> {

@@ -7,5 +7,6 @@ pub(crate) mod codec;
 pub(crate) mod methods;
 pub(crate) mod middleware;
 pub mod proto;
+mod response;
 pub(crate) mod service;
 pub(crate) mod tls;

@@ -12,6 +12,7 @@ use crate::{
     grpc::proto::{self, UserCntResponse, UserRequest, UserResponse, UserTypeRequest},
     health::Health,
     store::{AddOutcome, StoreError, UserStore},
+    wire::EncodedUser,
 };
 
 /// Ids looked up in one query at most, from what a client stream has already
@@ -115,7 +116,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
         {
             TypeFilter::Nobody => Box::pin(stream::empty()),
             TypeFilter::Only(user_type) => {
-                Box::pin(users_of_type(self.store.clone(), user_type).map_ok(found))
+                Box::pin(users_of_type(self.store.clone(), user_type).map_ok(UserResponse::from))
             }
         };
         Ok(Response::new(stream))
@@ -158,7 +159,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
 fn users_of_type<S: UserStore>(
     store: S,
     user_type: UserType,
-) -> impl Stream<Item = Result<User, Status>> + Send {
+) -> impl Stream<Item = Result<EncodedUser, Status>> + Send {
     // The state is the cursor of the next page, or None once a short page ended it.
     stream::try_unfold(Some(None), move |cursor: Option<Option<UserId>>| {
         let store = store.clone();
@@ -170,7 +171,7 @@ fn users_of_type<S: UserStore>(
                 run_detached(async move { store.page_by_type(user_type, after, TYPE_PAGE).await })
                     .await?;
             let next = match page.last() {
-                Some(last) if page.len() == TYPE_PAGE as usize => Some(Some(last.id)),
+                Some(last) if page.len() == TYPE_PAGE as usize => Some(Some(last.id())),
                 _ => None,
             };
             Ok::<_, Status>(Some((stream::iter(page.into_iter().map(Ok)), next)))
@@ -207,11 +208,7 @@ fn split_batch(batch: Vec<Result<UserRequest, Status>>) -> (Vec<UserId>, Option<
 }
 
 fn found(user: User) -> UserResponse {
-    UserResponse {
-        error: false,
-        message: String::new(),
-        user: Some(to_proto(user)),
-    }
+    UserResponse::new(false, String::new(), Some(to_proto(user)))
 }
 
 fn not_found() -> UserResponse {
@@ -219,11 +216,7 @@ fn not_found() -> UserResponse {
 }
 
 fn failure(message: &str) -> UserResponse {
-    UserResponse {
-        error: true,
-        message: message.to_owned(),
-        user: None,
-    }
+    UserResponse::new(true, message.to_owned(), None)
 }
 
 fn to_proto(user: User) -> proto::User {

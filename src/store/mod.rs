@@ -16,6 +16,7 @@ use crate::{
     config::{Backend, DatabaseSettings},
     domain::{User, UserId, UserType},
     instruments::{self, DbOperation, DbSystem},
+    wire::EncodedUser,
 };
 
 /// The backend `database.url` names.
@@ -121,7 +122,7 @@ impl UserStore for Store {
         user_type: UserType,
         after: Option<UserId>,
         limit: u32,
-    ) -> Result<Vec<User>, StoreError> {
+    ) -> Result<Vec<EncodedUser>, StoreError> {
         self.timed(DbOperation::PageByType, async {
             delegate!(self, s => s.page_by_type(user_type, after, limit).await)
         })
@@ -181,14 +182,15 @@ pub trait UserStore: Clone + Send + Sync + 'static {
     /// Inserts `user` unless its id is taken; returns once committed.
     fn add(&self, user: User) -> impl Future<Output = Result<AddOutcome, StoreError>> + Send;
 
-    /// Up to `limit` users of `user_type` with ids above `after`, ascending.
+    /// Up to `limit` users of `user_type` with ids above `after`, ascending,
+    /// each as the answer that is sent for it.
     /// Each call is its own short read: nothing is held between pages.
     fn page_by_type(
         &self,
         user_type: UserType,
         after: Option<UserId>,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<User>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<EncodedUser>, StoreError>> + Send;
 
     /// Cheap proof that the database can be read, for readiness.
     fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

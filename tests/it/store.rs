@@ -8,7 +8,8 @@ use tempfile::TempDir;
 use user_manager::{
     config::Settings,
     domain::{User, UserId, UserType},
-    store::{AddOutcome, SeedOutcome, Store, UserStore},
+    store::{AddOutcome, SeedOutcome, Store, StoreError, UserStore},
+    wire::EncodedUser,
 };
 
 use crate::common::postgres as pg;
@@ -77,6 +78,12 @@ fn id_list(users: &[User]) -> Vec<u32> {
     users.iter().map(|u| u.id.get()).collect()
 }
 
+/// The answers for `users` as `wire` encodes them: what a backend's pages
+/// must hold, byte for byte (SQLite's are computed by SQL, not by us).
+fn encoded(users: &[User]) -> Vec<EncodedUser> {
+    users.iter().map(EncodedUser::encode).collect()
+}
+
 async fn get_add_and_already_exists(backend: &str) {
     let (store, _dir) = open(backend).await;
     let id = UserId::new(7).unwrap();
@@ -98,7 +105,7 @@ async fn the_largest_id_round_trips(backend: &str) {
     assert_eq!(store.get(max.id).await.unwrap(), Some(max.clone()));
     assert_eq!(store.get_many(&[max.id]).await.unwrap(), vec![max.clone()]);
     let page = store.page_by_type(UserType::Guest, None, 10).await.unwrap();
-    assert_eq!(page, vec![max]);
+    assert_eq!(page, encoded(&[max]));
     store.close().await;
 }
 
@@ -136,7 +143,7 @@ async fn any_valid_text_reads_back_unchanged(backend: &str) {
     let all: Vec<UserId> = users.iter().map(|u| u.id).collect();
     assert_eq!(store.get_many(&all).await.unwrap(), users);
     let page = store.page_by_type(UserType::Administrator, None, 10).await;
-    assert_eq!(page.unwrap(), users);
+    assert_eq!(page.unwrap(), encoded(&users));
     store.close().await;
 }
 
@@ -166,9 +173,11 @@ async fn page_by_type_pages_by_keyset(backend: &str) {
         if page.is_empty() {
             break;
         }
-        assert!(page.iter().all(|u| u.user_type == UserType::Guest));
-        after = page.last().map(|u| u.id);
-        seen.extend(id_list(&page));
+        let users: Vec<User> = page.iter().map(EncodedUser::to_user).collect();
+        assert_eq!(page, encoded(&users));
+        assert!(users.iter().all(|u| u.user_type == UserType::Guest));
+        after = page.last().map(EncodedUser::id);
+        seen.extend(id_list(&users));
     }
     assert_eq!(seen, (2..=24).step_by(2).collect::<Vec<u32>>());
     assert!(
@@ -488,3 +497,59 @@ contract!(
     concurrent_gets_of_the_same_ids_each_get_the_user,
     concurrent_adds_are_each_told_the_truth,
 );
+
+/// Rows another process wrote without their answer get it from SQLite (the
+/// trigger), and ones that break the rules are errors, never answers: an
+/// empty nickname (a valid message of an invalid user), and a nickname too
+/// long to encode (its `wire` is NULL, which the page must not skip). A
+/// `wire` that disagrees with the columns is refused when written.
+#[tokio::test]
+async fn sqlite_rows_written_by_another_process_are_checked() {
+    use sqlx::Connection;
+    within_a_minute(async {
+        let (store, dir) = open("sqlite").await;
+        let url = format!(
+            "sqlite://{}",
+            dir.as_ref().unwrap().path().join("users.db").display()
+        );
+        let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let insert = |id: u32, nickname: String| {
+            sqlx::query(
+                "INSERT INTO users (id, nickname, mail_address, user_type) \
+                 VALUES (?1, ?2, 'theirs@example.com', 2)",
+            )
+            .bind(id)
+            .bind(nickname)
+        };
+        insert(1, "theirs".into())
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let page = store.page_by_type(UserType::Administrator, None, 10).await;
+        assert_eq!(page.unwrap(), encoded(&[user(1, "theirs", 2)]));
+
+        let wrong = sqlx::query(
+            "INSERT INTO users (id, nickname, mail_address, user_type, wire) \
+             VALUES (9, 'a', 'a@b.c', 2, x'1a00')",
+        );
+        assert!(wrong.execute(&mut other).await.is_err(), "CHECK on wire");
+        let tamper = sqlx::query("UPDATE users SET nickname = 'changed' WHERE id = 1");
+        assert!(tamper.execute(&mut other).await.is_err(), "CHECK on wire");
+
+        insert(2, String::new()).execute(&mut other).await.unwrap();
+        let page = store.page_by_type(UserType::Administrator, None, 10).await;
+        assert!(matches!(page, Err(StoreError::Internal(_))), "{page:?}");
+        sqlx::query("DELETE FROM users WHERE id = 2")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        insert(3, "x".repeat(20_000))
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let page = store.page_by_type(UserType::Administrator, None, 10).await;
+        assert!(matches!(page, Err(StoreError::Internal(_))), "{page:?}");
+        store.close().await;
+    })
+    .await;
+}

@@ -253,7 +253,8 @@ async fn server_faults_are_errors_and_client_faults_are_not() {
     let server = start_exporting(dir.path(), &collector, &[]).await;
     // A user the service can't read back (an empty nickname), id 5000, after
     // 601 readable DISABLED ones: the stream of those fails after a page.
-    let unreadable = "INSERT INTO users VALUES (5000, '', 'broken@example.com', 4)";
+    let unreadable = "INSERT INTO users (id, nickname, mail_address, user_type) \
+         VALUES (5000, '', 'broken@example.com', 4)";
     insert_users(&server, dir.path(), 1000, 1600, DISABLED, unreadable).await;
     let mut client = server.client().await;
 
@@ -497,7 +498,8 @@ async fn json_log_lines_carry_the_trace_and_span_ids() {
         ],
     )
     .await;
-    let unreadable = "INSERT INTO users VALUES (5000, '', 'broken@example.com', 4)";
+    let unreadable = "INSERT INTO users (id, nickname, mail_address, user_type) \
+         VALUES (5000, '', 'broken@example.com', 4)";
     insert_users(&server, dir.path(), 1000, 1000, DISABLED, unreadable).await;
     let mut client = server.client().await;
     let failed = client.get_user(UserRequest { id: 5000 }).await.unwrap_err();

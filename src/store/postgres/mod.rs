@@ -32,6 +32,7 @@ use super::{AddOutcome, SeedOutcome, StoreError, UserStore};
 use crate::{
     config::PostgresSettings,
     domain::{User, UserId, UserType},
+    wire::EncodedUser,
 };
 
 #[derive(Clone)]
@@ -154,7 +155,7 @@ impl UserStore for PostgresStore {
         user_type: UserType,
         after: Option<UserId>,
         limit: u32,
-    ) -> Result<Vec<User>, StoreError> {
+    ) -> Result<Vec<EncodedUser>, StoreError> {
         let rows = sqlx::query_as::<_, Row>(SELECT_PAGE_BY_TYPE)
             .bind(i16::try_from(user_type.number()).unwrap_or(0))
             .bind(after.map_or(0, |id| i64::from(id.get())))
@@ -162,7 +163,8 @@ impl UserStore for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| classify(e, "reading users by type"))?;
-        to_users(rows)
+        // Validated as read, then encoded as the answers (SQLite keeps them so).
+        Ok(to_users(rows)?.iter().map(EncodedUser::encode).collect())
     }
 
     async fn check(&self) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@ use super::{SELECT_EXISTING, classify, closed, file::DbFile, ids::Ids};
 use crate::{
     domain::{User, UserId},
     store::{AddOutcome, StoreError},
+    wire::EncodedUser,
 };
 
 /// Inserts committed in one transaction at most; bounds a commit's latency.
@@ -18,8 +19,11 @@ pub(super) const MAX_GROUP_COMMIT: usize = 256;
 /// AddUser calls waiting for the writer before callers wait to enqueue.
 pub(super) const INSERT_QUEUE: usize = 1024;
 
-const INSERT: &str = "INSERT INTO users (id, nickname, mail_address, user_type) \
-     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING";
+// Every insert gives the user's `wire` (the answer sent for it, see
+// src/wire.rs), which the table's CHECK compares with its own encoding;
+// left out, a trigger would compute it with one more write of the row.
+const INSERT: &str = "INSERT INTO users (id, nickname, mail_address, user_type, wire) \
+     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING";
 
 pub(super) struct InsertRequest {
     pub(super) user: User,
@@ -108,8 +112,9 @@ enum Known {
 /// No ON CONFLICT: an id memory believed free but taken fails the INSERT
 /// (a unique violation) before COMMIT runs, and nothing commits.
 const INSERT_KNOWN_AND_COMMIT: &str = "BEGIN IMMEDIATE; \
-     INSERT INTO users (id, nickname, mail_address, user_type) \
-     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM jsonb_each(?1); \
+     INSERT INTO users (id, nickname, mail_address, user_type, wire) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, unhex(value ->> 4) \
+     FROM jsonb_each(?1); \
      COMMIT";
 
 /// Commits the group's new users, `taken` being the ids that have one.
@@ -182,16 +187,17 @@ async fn commit_asking(
 }
 
 /// Inserts users given as a JSON array of [id, nickname, mail_address,
-/// user_type]. `jsonb_each` parses the array once and gives each row as
+/// user_type, wire in hex]. `jsonb_each` parses the array once and gives each row as
 /// JSONB, which `->>` reads as it is; `json_each` gives each row as text,
 /// which each of the four `->>` parsed again. (`WHERE true` tells SQLite's
 /// parser that ON CONFLICT belongs to the INSERT, not to a join.)
-const INSERT_MANY: &str = "INSERT INTO users (id, nickname, mail_address, user_type) \
-     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM jsonb_each(?1) WHERE true \
+const INSERT_MANY: &str = "INSERT INTO users (id, nickname, mail_address, user_type, wire) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, unhex(value ->> 4) \
+     FROM jsonb_each(?1) WHERE true \
      ON CONFLICT (id) DO NOTHING";
 
 /// A new user as `INSERT_MANY` reads it.
-type NewRow<'a> = (u32, &'a str, &'a str, i32);
+type NewRow<'a> = (u32, &'a str, &'a str, i32, String);
 
 /// Each request's outcome given the ids `taken`, and the users to insert: a
 /// user whose id is taken, or came earlier in the group, already exists.
@@ -210,6 +216,7 @@ fn sort_group(
                     u.nickname.as_str(),
                     u.mail_address.as_str(),
                     u.user_type.number(),
+                    hex(EncodedUser::encode(u).message()),
                 ));
                 AddOutcome::Added
             } else {
@@ -272,7 +279,19 @@ pub(super) async fn insert(conn: &mut SqliteConnection, user: &User) -> Result<u
         .bind(user.nickname.as_str())
         .bind(user.mail_address.as_str())
         .bind(user.user_type.number())
+        .bind(EncodedUser::encode(user).into_message().to_vec())
         .execute(conn)
         .await?;
     Ok(done.rows_affected() as usize)
+}
+
+/// Bytes as hex digits, for `unhex` (JSON carries no blobs).
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
