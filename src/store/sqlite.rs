@@ -56,10 +56,16 @@ const COUNT_MANY: &str =
 // ordering the aggregate again would make SQLite sort it through a temporary
 // B-tree. The order is checked when decoding, and restored if ever needed.
 // group_concat skips NULLs, so the rows are counted twice: a row whose
-// `wire` is NULL (too long to be valid) is an error, not a gap.
-const SELECT_PAGE_BY_TYPE: &str = "SELECT count(*), count(wire), \
-     CAST(group_concat(wire, '') AS BLOB) \
-     FROM (SELECT wire FROM users WHERE user_type = ?1 AND id > ?2 ORDER BY id LIMIT ?3)";
+// `wire` is NULL (too long to be valid) is an error, not a gap. The limit is
+// written into the SQL, not bound: bound, SQLite prepared the statement
+// again on every execution (a fifth of a page's cost in SQLite outside the
+// rows), and the service asks for one page size only.
+fn select_page_by_type(limit: u32) -> String {
+    format!(
+        "SELECT count(*), count(wire), CAST(group_concat(wire, '') AS BLOB) \
+         FROM (SELECT wire FROM users WHERE user_type = ?1 AND id > ?2 ORDER BY id LIMIT {limit})"
+    )
+}
 
 type Row = (i64, String, String, i64);
 
@@ -313,10 +319,10 @@ impl UserStore for SqliteStore {
     ) -> Result<Vec<EncodedUser>, StoreError> {
         let mut conn = self.reader("reading users by type").await?;
         let (rows, readable, page): (i64, i64, Option<Vec<u8>>) =
-            sqlx::query_as(SELECT_PAGE_BY_TYPE)
+            // Only a number is written in (`limit`), nothing a caller sent.
+            sqlx::query_as(sqlx::AssertSqlSafe(select_page_by_type(limit)))
                 .bind(user_type.number())
                 .bind(after.map_or(0, |id| i64::from(id.get())))
-                .bind(i64::from(limit))
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(|e| classify(e, "reading users by type"))?;
