@@ -62,7 +62,9 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
             Some(id) => self.store.get(id).await?,
             None => None,
         };
-        Ok(Response::new(user.map_or_else(not_found, found)))
+        Ok(Response::new(
+            user.map_or_else(not_found, UserResponse::from),
+        ))
     }
 
     async fn add_user(
@@ -144,7 +146,7 @@ impl<S: UserStore> proto::user_manager_server::UserManager for UserManagerServic
                     } else {
                         run_detached(async move { store.get_many(&ids).await }).await?
                     };
-                    let answers = users.into_iter().map(|u| Ok(found(u)));
+                    let answers = users.into_iter().map(|u| Ok(UserResponse::from(u)));
                     Ok::<_, Status>(stream::iter(answers.chain(failed.map(Err))))
                 }
             })

@@ -89,14 +89,14 @@ impl UserStore for Store {
         .await
     }
 
-    async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
+    async fn get(&self, id: UserId) -> Result<Option<EncodedUser>, StoreError> {
         self.timed(DbOperation::Get, async {
             delegate!(self, s => s.get(id).await)
         })
         .await
     }
 
-    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
+    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<EncodedUser>, StoreError> {
         self.timed(DbOperation::GetMany, async {
             delegate!(self, s => s.get_many(ids).await)
         })
@@ -164,14 +164,19 @@ pub trait UserStore: Clone + Send + Sync + 'static {
     /// Imports `users` in one transaction, unless a seed was imported before.
     fn seed(&self, users: &[User]) -> impl Future<Output = Result<SeedOutcome, StoreError>> + Send;
 
-    fn get(&self, id: UserId) -> impl Future<Output = Result<Option<User>, StoreError>> + Send;
+    /// The user with this id, as the answer that is sent for it (as are all
+    /// reads of users: see `wire`).
+    fn get(
+        &self,
+        id: UserId,
+    ) -> impl Future<Output = Result<Option<EncodedUser>, StoreError>> + Send;
 
     /// The users among `ids`, in the order asked, repeated as often as asked;
     /// ids with no user are left out.
     fn get_many(
         &self,
         ids: &[UserId],
-    ) -> impl Future<Output = Result<Vec<User>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<EncodedUser>, StoreError>> + Send;
 
     /// How many of `ids` have a user, counting repeats each time.
     fn count_existing(

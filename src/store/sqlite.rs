@@ -8,7 +8,6 @@ mod file;
 mod ids;
 mod lookups;
 mod readers;
-mod rows;
 mod writer;
 
 use std::{str::FromStr, sync::Arc, time::Duration};
@@ -34,14 +33,20 @@ use crate::{
     wire::EncodedUser,
 };
 
-const SELECT_BY_ID: &str = "SELECT id, nickname, mail_address, user_type FROM users WHERE id = ?1";
-// Queries that return many users aggregate them into one JSON array of
-// [id, nickname, mail_address, user_type] rows: one value crosses from sqlx's
-// connection thread, not one message per row (see BENCHMARKS.md). No
-// ORDER BY: it would sort every answer through a temporary B-tree. Lookups
-// ask for distinct ids and hand out the users by id (`lookups::distribute`).
-const SELECT_MANY: &str = "SELECT json_group_array(\
-     json_array(u.id, u.nickname, u.mail_address, u.user_type)) \
+// Reads of users answer with `wire`, the bytes of each user's answer (see
+// the migration that made it), concatenated into one blob when there are
+// many: one value crosses from sqlx's connection thread, not one message per
+// row (see BENCHMARKS.md), and nothing is decoded or encoded again but
+// checked (`EncodedUser::split`). group_concat skips NULLs, so rows are
+// counted twice: a row whose `wire` is NULL (too long to be valid) is an
+// error, not a gap.
+const SELECT_BY_ID: &str = "SELECT count(*), count(wire), CAST(group_concat(wire, '') AS BLOB) \
+     FROM users WHERE id = ?1";
+// No ORDER BY: it would sort every answer through a temporary B-tree.
+// Lookups ask for distinct ids in ascending order and hand out the users by
+// id (`lookups::distribute`).
+const SELECT_MANY: &str = "SELECT count(*), count(u.wire), \
+     CAST(group_concat(u.wire, '') AS BLOB) \
      FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
 /// The ids among `?1` (a JSON array) that have a user, each as often as it
 /// is listed: for a batch of counts (answered from the distinct ids) and
@@ -51,15 +56,13 @@ const SELECT_EXISTING: &str = "SELECT json_group_array(u.id) \
      FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
 const COUNT_MANY: &str =
     "SELECT COUNT(*) FROM json_each(?1) AS j CROSS JOIN users AS u ON u.id = j.value";
-// A page of users as their answers (`wire`, see the migration that made it),
-// concatenated in one blob. The page comes in id order from the index;
-// ordering the aggregate again would make SQLite sort it through a temporary
-// B-tree. The order is checked when decoding, and restored if ever needed.
-// group_concat skips NULLs, so the rows are counted twice: a row whose
-// `wire` is NULL (too long to be valid) is an error, not a gap. The limit is
-// written into the SQL, not bound: bound, SQLite prepared the statement
-// again on every execution (a fifth of a page's cost in SQLite outside the
-// rows), and the service asks for one page size only.
+// A page of users of one type, as `SELECT_MANY` answers. The page comes in
+// id order from the index; ordering the aggregate again would make SQLite
+// sort it through a temporary B-tree. The order is checked when decoding,
+// and restored if ever needed. The limit is written into the SQL, not bound:
+// bound, SQLite prepared the statement again on every execution (a fifth of
+// a page's cost in SQLite outside the rows), and the service asks for one
+// page size only.
 fn select_page_by_type(limit: u32) -> String {
     format!(
         "SELECT count(*), count(wire), CAST(group_concat(wire, '') AS BLOB) \
@@ -67,7 +70,9 @@ fn select_page_by_type(limit: u32) -> String {
     )
 }
 
-type Row = (i64, String, String, i64);
+/// What the reads of users answer: rows found, rows with a `wire`, and the
+/// concatenated `wire`s (NULL when none).
+type Answers = (i64, i64, Option<Vec<u8>>);
 
 /// `PRAGMA cache_size` of every connection, in KiB (negative: SQLite's unit
 /// for KiB), instead of SQLite's default 2000 KiB. What the default cost
@@ -193,7 +198,7 @@ impl SqliteStore {
 
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "sqlite",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
-    async fn select_by_ids(&self, ids: Vec<UserId>) -> Result<Vec<User>, StoreError> {
+    async fn select_by_ids(&self, ids: Vec<UserId>) -> Result<Vec<EncodedUser>, StoreError> {
         self.lookups.users(ids).await
     }
 
@@ -276,14 +281,14 @@ impl UserStore for SqliteStore {
         Ok(SeedOutcome::Imported { users: imported })
     }
 
-    async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
+    async fn get(&self, id: UserId) -> Result<Option<EncodedUser>, StoreError> {
         if self.ids.count(&[id]) == Some(0) {
             return Ok(None);
         }
         Ok(self.select_by_ids(vec![id]).await?.into_iter().next())
     }
 
-    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
+    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<EncodedUser>, StoreError> {
         match self.ids.present(ids) {
             Some(present) if present.is_empty() => Ok(Vec::new()),
             Some(present) => self.select_by_ids(present).await,
@@ -318,7 +323,7 @@ impl UserStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<EncodedUser>, StoreError> {
         let mut conn = self.reader("reading users by type").await?;
-        let (rows, readable, page): (i64, i64, Option<Vec<u8>>) =
+        let answers: Answers =
             // Only a number is written in (`limit`), nothing a caller sent.
             sqlx::query_as(sqlx::AssertSqlSafe(select_page_by_type(limit)))
                 .bind(user_type.number())
@@ -326,17 +331,7 @@ impl UserStore for SqliteStore {
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(|e| classify(e, "reading users by type"))?;
-        if readable != rows {
-            return Err(StoreError::Internal(format!(
-                "reading users by type: {} of {rows} stored users are too long to be valid",
-                rows - readable
-            )));
-        }
-        let mut users = EncodedUser::split(page.unwrap_or_default().into())?;
-        if !users.is_sorted_by_key(EncodedUser::id) {
-            users.sort_unstable_by_key(EncodedUser::id);
-        }
-        Ok(users)
+        encoded_users(answers, "reading users by type")
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -385,12 +380,23 @@ impl UserStore for SqliteStore {
     }
 }
 
-fn to_user((id, nickname, mail_address, user_type): Row) -> Result<User, StoreError> {
-    let id_u32 = u32::try_from(id)
-        .map_err(|_| StoreError::Internal(format!("stored id {id} is not a uint32")))?;
-    let type_i32 = i32::try_from(user_type).unwrap_or(-1);
-    User::parse(id_u32, nickname, mail_address, type_i32)
-        .map_err(|e| StoreError::Internal(format!("stored user {id} is invalid: {e}")))
+/// The users a read answered, checked, ascending by id (as SQLite gives
+/// them today; restored if ever not).
+fn encoded_users(
+    (rows, readable, answers): Answers,
+    context: &str,
+) -> Result<Vec<EncodedUser>, StoreError> {
+    if readable != rows {
+        return Err(StoreError::Internal(format!(
+            "{context}: {} of {rows} stored users are too long to be valid",
+            rows - readable
+        )));
+    }
+    let mut users = EncodedUser::split(answers.unwrap_or_default().into())?;
+    if !users.is_sorted_by_key(EncodedUser::id) {
+        users.sort_unstable_by_key(EncodedUser::id);
+    }
+    Ok(users)
 }
 
 /// Ids as a JSON array, for `json_each`: one statement for any batch size.

@@ -97,25 +97,29 @@ impl UserStore for PostgresStore {
 
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "postgresql",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
-    async fn get(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        sqlx::query_as::<_, Row>(SELECT_BY_ID)
+    async fn get(&self, id: UserId) -> Result<Option<EncodedUser>, StoreError> {
+        let row = sqlx::query_as::<_, Row>(SELECT_BY_ID)
             .bind(i64::from(id.get()))
             .fetch_optional(&self.pool)
             .await
-            .map_err(|e| classify(e, "reading a user"))?
+            .map_err(|e| classify(e, "reading a user"))?;
+        Ok(row
             .map(to_user)
-            .transpose()
+            .transpose()?
+            .as_ref()
+            .map(EncodedUser::encode))
     }
 
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "postgresql",
         db.operation = "SELECT", db.sql.table = "users", otel.status_code = Empty))]
-    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
+    async fn get_many(&self, ids: &[UserId]) -> Result<Vec<EncodedUser>, StoreError> {
         let rows = sqlx::query_as::<_, Row>(SELECT_MANY)
             .bind(id_array(ids))
             .fetch_all(&self.pool)
             .await
             .map_err(|e| classify(e, "reading users by id"))?;
-        to_users(rows)
+        // Validated as read, then encoded as the answers (SQLite keeps them so).
+        Ok(to_users(rows)?.iter().map(EncodedUser::encode).collect())
     }
 
     #[tracing::instrument(name = "SELECT users", level = "debug", skip_all, fields(db.system = "postgresql",

@@ -16,14 +16,11 @@ use std::sync::{
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{
-    COUNT_MANY, Row, SELECT_BY_ID, SELECT_EXISTING, SELECT_MANY, classify, closed, json_array,
+    Answers, COUNT_MANY, SELECT_BY_ID, SELECT_EXISTING, SELECT_MANY, classify, closed,
+    encoded_users, json_array,
     readers::{Reader, Readers},
-    rows, to_user,
 };
-use crate::{
-    domain::{User, UserId},
-    store::StoreError,
-};
+use crate::{domain::UserId, store::StoreError, wire::EncodedUser};
 
 /// Lookups answered by one query at most: bounds one query's latency.
 const MAX_COALESCED: usize = 64;
@@ -42,7 +39,7 @@ enum Want {
 /// What a lookup found.
 #[derive(Debug)]
 enum Found {
-    Users(Vec<User>),
+    Users(Vec<EncodedUser>),
     Count(u64),
 }
 
@@ -90,7 +87,7 @@ impl Lookups {
     }
 
     /// The users among `ids`, in the order asked, repeats included.
-    pub(super) async fn users(&self, ids: Vec<UserId>) -> Result<Vec<User>, StoreError> {
+    pub(super) async fn users(&self, ids: Vec<UserId>) -> Result<Vec<EncodedUser>, StoreError> {
         match self.lookup(ids, Want::Users, "reading users by id").await? {
             Found::Users(users) => Ok(users),
             Found::Count(_) => Err(mismatch()),
@@ -271,14 +268,12 @@ async fn alone(
     let failed = |e| classify(e, context);
     match (want, ids) {
         (Want::Users, [id]) => {
-            let row = sqlx::query_as::<_, Row>(SELECT_BY_ID)
+            let answers: Answers = sqlx::query_as(SELECT_BY_ID)
                 .bind(i64::from(id.get()))
-                .fetch_optional(&mut **conn)
+                .fetch_one(&mut **conn)
                 .await
                 .map_err(failed)?;
-            Ok(Found::Users(
-                row.map(to_user).transpose()?.into_iter().collect(),
-            ))
+            Ok(Found::Users(encoded_users(answers, context)?))
         }
         (Want::Users, _) => {
             let found = users_of(conn, &union([ids]), context).await?;
@@ -341,32 +336,18 @@ fn union<'a>(lists: impl IntoIterator<Item = &'a [UserId]>) -> Vec<UserId> {
     ids
 }
 
-/// The one JSON value a query over the JSON array of `ids` answers.
-async fn over_ids(
-    conn: &mut Reader<'_>,
-    query: &'static str,
-    ids: &[UserId],
-    context: &str,
-) -> Result<String, StoreError> {
-    sqlx::query_scalar(query)
-        .bind(json_array(ids))
-        .fetch_one(&mut **conn)
-        .await
-        .map_err(|e| classify(e, context))
-}
-
 /// The users of `ids` (distinct), ascending by id.
 async fn users_of(
     conn: &mut Reader<'_>,
     ids: &[UserId],
     context: &str,
-) -> Result<Vec<User>, StoreError> {
-    let mut users = rows::users(&over_ids(conn, SELECT_MANY, ids, context).await?)?;
-    // In the order of `ids` as SQLite answers today; any order would do.
-    if !users.is_sorted_by_key(|u| u.id) {
-        users.sort_unstable_by_key(|u| u.id);
-    }
-    Ok(users)
+) -> Result<Vec<EncodedUser>, StoreError> {
+    let answers: Answers = sqlx::query_as(SELECT_MANY)
+        .bind(json_array(ids))
+        .fetch_one(&mut **conn)
+        .await
+        .map_err(|e| classify(e, context))?;
+    encoded_users(answers, context)
 }
 
 /// Which of `ids` (distinct) have a user, ascending.
@@ -375,7 +356,11 @@ async fn existing(
     ids: &[UserId],
     context: &str,
 ) -> Result<Vec<UserId>, StoreError> {
-    let json = over_ids(conn, SELECT_EXISTING, ids, context).await?;
+    let json: String = sqlx::query_scalar(SELECT_EXISTING)
+        .bind(json_array(ids))
+        .fetch_one(&mut **conn)
+        .await
+        .map_err(|e| classify(e, context))?;
     let mut found: Vec<UserId> = serde_json::from_str::<Vec<u32>>(&json)
         .map_err(|e| StoreError::Internal(format!("decoding stored ids: {e}")))?
         .into_iter()
@@ -387,14 +372,15 @@ async fn existing(
 
 /// Each list's users, in its order and with its repeats, from `found` (the
 /// users of the union of the lists, ascending by id). A user asked for once
-/// is moved into its answer; one asked for again is copied.
-fn distribute(lists: &[&[UserId]], found: Vec<User>) -> Vec<Vec<User>> {
+/// is moved into its answer; one asked for again is copied (its bytes are
+/// shared, not copied).
+fn distribute(lists: &[&[UserId]], found: Vec<EncodedUser>) -> Vec<Vec<EncodedUser>> {
     // Where each list's users are in `found`, and how often each is asked for.
     let index: Vec<Vec<usize>> = lists
         .iter()
         .map(|ids| {
             ids.iter()
-                .filter_map(|id| found.binary_search_by_key(id, |u| u.id).ok())
+                .filter_map(|id| found.binary_search_by_key(id, EncodedUser::id).ok())
                 .collect()
         })
         .collect();
@@ -402,7 +388,7 @@ fn distribute(lists: &[&[UserId]], found: Vec<User>) -> Vec<Vec<User>> {
     for &i in index.iter().flatten() {
         asked[i] += 1;
     }
-    let mut found: Vec<Option<User>> = found.into_iter().map(Some).collect();
+    let mut found: Vec<Option<EncodedUser>> = found.into_iter().map(Some).collect();
     index
         .into_iter()
         .map(|indices| {
@@ -424,9 +410,10 @@ fn distribute(lists: &[&[UserId]], found: Vec<User>) -> Vec<Vec<User>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::User;
 
-    fn user(id: u32) -> User {
-        User::parse(id, format!("u{id}"), format!("u{id}@x.io"), 1).unwrap()
+    fn user(id: u32) -> EncodedUser {
+        EncodedUser::encode(&User::parse(id, format!("u{id}"), format!("u{id}@x.io"), 1).unwrap())
     }
 
     fn ids(raw: &[u32]) -> Vec<UserId> {
@@ -448,7 +435,7 @@ mod tests {
         let answers = distribute(&lists, vec![user(3), user(7), user(9)]);
         let got: Vec<Vec<u32>> = answers
             .iter()
-            .map(|users| users.iter().map(|u| u.id.get()).collect())
+            .map(|users| users.iter().map(|u| u.id().get()).collect())
             .collect();
         assert_eq!(got, [vec![7, 3, 7], vec![], vec![9], vec![3], vec![]]);
         // Whole users, copies included.
