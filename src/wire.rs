@@ -33,6 +33,9 @@ const ID: u8 = 1 << 3;
 const NICKNAME: u8 = 2 << 3 | 2;
 const MAIL_ADDRESS: u8 = 3 << 3 | 2;
 const USER_TYPE: u8 = 4 << 3;
+/// In place of a message: a row whose `wire` is NULL. Field number 0 is no
+/// field, so no message starts with it.
+const NO_WIRE: u8 = 0;
 
 /// A valid user, encoded as the response that answers for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +161,10 @@ impl Fields<'_> {
 /// form written here and by the `wire` column is accepted.
 fn read(bytes: &[u8], at: usize) -> Result<(usize, Fields<'_>), &'static str> {
     let mut r = Reader { bytes, at };
+    // What SQLite's reads give for a row with no `wire` (see SELECT_MANY).
+    if bytes.get(at) == Some(&NO_WIRE) {
+        return Err("a stored user too long to be valid (it has no wire)");
+    }
     r.key(USER_RESPONSE_USER)?;
     let len = usize::try_from(r.varint()?).map_err(|_| "a length")?;
     let end = r.at.checked_add(len).filter(|&e| e <= bytes.len());
@@ -334,6 +341,11 @@ mod tests {
         };
         let valid_body = &good[2..];
         assert!(EncodedUser::split(wrapped(USER_RESPONSE_USER, valid_body)).is_ok());
+        // A row with no `wire`, after a good one.
+        let mut missing = good.to_vec();
+        missing.push(NO_WIRE);
+        let error = EncodedUser::split(missing.into()).unwrap_err().to_string();
+        assert!(error.contains("no wire"), "{error}");
         // Another field of UserResponse than the user.
         assert!(EncodedUser::split(wrapped(1 << 3 | 2, valid_body)).is_err());
         for (i, body) in bad.iter().enumerate() {

@@ -268,12 +268,12 @@ async fn alone(
     let failed = |e| classify(e, context);
     match (want, ids) {
         (Want::Users, [id]) => {
-            let answers: Answers = sqlx::query_as(SELECT_BY_ID)
+            let answers: Answers = sqlx::query_scalar(SELECT_BY_ID)
                 .bind(i64::from(id.get()))
                 .fetch_one(&mut **conn)
                 .await
                 .map_err(failed)?;
-            Ok(Found::Users(encoded_users(answers, context)?))
+            Ok(Found::Users(encoded_users(answers)?))
         }
         (Want::Users, _) => {
             let found = users_of(conn, &union([ids]), context).await?;
@@ -342,12 +342,12 @@ async fn users_of(
     ids: &[UserId],
     context: &str,
 ) -> Result<Vec<EncodedUser>, StoreError> {
-    let answers: Answers = sqlx::query_as(SELECT_MANY)
+    let answers: Answers = sqlx::query_scalar(SELECT_MANY)
         .bind(json_array(ids))
         .fetch_one(&mut **conn)
         .await
         .map_err(|e| classify(e, context))?;
-    encoded_users(answers, context)
+    encoded_users(answers)
 }
 
 /// Which of `ids` (distinct) have a user, ascending.
