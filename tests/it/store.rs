@@ -572,3 +572,71 @@ async fn sqlite_rows_written_by_another_process_are_checked() {
     })
     .await;
 }
+
+/// A database the previous release wrote is upgraded in place: every user
+/// it held gets its `wire` from SQLite (the migration rebuilds the table)
+/// and reads back through every read as it was stored.
+#[tokio::test]
+async fn sqlite_users_stored_before_the_wire_column_read_back_after_the_upgrade() {
+    use sqlx::{Connection, migrate::Migrator};
+    within_a_minute(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        // The migrations before the one that added `wire`, as that release ran them.
+        let all = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
+        let before = dir.path().join("before");
+        std::fs::create_dir(&before).unwrap();
+        for entry in std::fs::read_dir(all).unwrap() {
+            let entry = entry.unwrap();
+            if *entry.file_name().to_string_lossy() < *"20261130000002" {
+                std::fs::copy(entry.path(), before.join(entry.file_name())).unwrap();
+            }
+        }
+        let mut old = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let older = Migrator::new(before.as_path()).await.unwrap();
+        assert_eq!(older.iter().count(), 2, "the two migrations before `wire`");
+        older.run(&mut old).await.unwrap();
+        let users: Vec<User> = (1..=300)
+            .map(|id| {
+                let nickname = format!("n{id}-{}", "ü".repeat(id as usize % 30));
+                user(id * 65_537, &nickname, 1 + (id % 4) as i32)
+            })
+            .collect();
+        for u in &users {
+            sqlx::query(
+                "INSERT INTO users (id, nickname, mail_address, user_type) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(u.id.get())
+            .bind(u.nickname.as_str())
+            .bind(u.mail_address.as_str())
+            .bind(u.user_type.number())
+            .execute(&mut old)
+            .await
+            .unwrap();
+        }
+        old.close().await.unwrap();
+
+        let mut settings = Settings::embedded_default();
+        settings.database.url = format!("sqlite://{}", path.display());
+        let store = Store::open(&settings.database).await.unwrap();
+        store.migrate().await.unwrap();
+        let all_ids: Vec<UserId> = users.iter().map(|u| u.id).collect();
+        assert_eq!(store.get_many(&all_ids).await.unwrap(), encoded(&users));
+        assert_eq!(
+            store.get(users[7].id).await.unwrap(),
+            Some(EncodedUser::encode(&users[7]))
+        );
+        for user_type in UserType::ALL {
+            let of_type: Vec<User> = users
+                .iter()
+                .filter(|u| u.user_type == user_type)
+                .cloned()
+                .collect();
+            let page = store.page_by_type(user_type, None, 1000).await.unwrap();
+            assert_eq!(page, encoded(&of_type), "{user_type:?}");
+        }
+        store.close().await;
+    })
+    .await;
+}
