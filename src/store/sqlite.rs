@@ -83,11 +83,12 @@ type Answers = Option<Vec<u8>>;
 /// counts about 2 MiB live: 61.4 MiB idle after `bench --full` (the target:
 /// under 48), 60.2 MiB at the GetUsersByIds streams' peak (limit 64). At 512
 /// KiB: 34.3 and 38.8 MiB in the same run (256 KiB: 32.0 and 33.6). What the
-/// cache buys is kept: 512 KiB (about 120 pages) still holds every interior
-/// page of the users B-tree (28 at 1M users, the ones every lookup reads);
-/// what goes is leaves hit by chance (4 % of random lookups at 2000 KiB, 1 %
-/// now), each miss one `pread` from the OS page cache. Instructions per
-/// GetUser and per GetUsersByIds call were unchanged under callgrind.
+/// cache buys is kept: 512 KiB (about 120 pages) holds every interior page of
+/// the users B-tree (55 at 1M users since the `wire` column, the ones every
+/// lookup reads) with room for the leaves a lookup walks; a leaf is nearly
+/// always one `pread` from the OS page cache. That needs each connection to
+/// have a cache of its own, which the bundled SQLite's build doesn't give by
+/// default (`.cargo/config.toml`): pooled, a random id cost 1.84 reads.
 const CACHE_KIB: i64 = 512;
 
 #[derive(Clone)]
@@ -447,6 +448,23 @@ fn classify(err: sqlx::Error, context: &str) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn each_connection_keeps_its_own_page_cache() {
+        // .cargo/config.toml undefines this for the bundled SQLite (see
+        // CACHE_KIB); with it, the connections' caches are one pool.
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let pooled: i64 =
+            sqlx::query_scalar("SELECT sqlite_compileoption_used('ENABLE_MEMORY_MANAGEMENT')")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(
+            pooled, 0,
+            "SQLite was built with SQLITE_ENABLE_MEMORY_MANAGEMENT: \
+             is LIBSQLITE3_FLAGS in .cargo/config.toml still read?"
+        );
+    }
 
     #[test]
     fn json_array_lists_ids_in_order() {

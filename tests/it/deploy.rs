@@ -280,6 +280,12 @@ fn the_dockerfile_copies_what_the_build_needs_and_runs_the_binary_as_non_root() 
             "the build stage does not COPY workspace member manifest {manifest}"
         );
     }
+    // The workspace's build settings (how SQLite is compiled) apply to the
+    // image's build too.
+    assert!(
+        build_copies.contains(&".cargo/config.toml"),
+        "the build stage does not COPY .cargo/config.toml"
+    );
     let image = Image::read();
     for (source, _) in &image.files {
         assert!(
