@@ -98,10 +98,11 @@ impl EncodedUser {
         let fields = read(&self.message, 0)
             .map(|(_, fields)| fields)
             .expect("an EncodedUser holds one well-formed message");
+        let text = |raw: &[u8]| String::from_utf8(raw.to_vec()).expect("validated as UTF-8");
         User::parse(
             fields.id,
-            fields.nickname.to_owned(),
-            fields.mail_address.to_owned(),
+            text(fields.nickname),
+            text(fields.mail_address),
             fields.user_type,
         )
         .expect("an EncodedUser holds a valid user")
@@ -134,22 +135,24 @@ impl EncodedUser {
     }
 }
 
-/// A message's user, borrowed from the bytes.
+/// A message's user, borrowed from the bytes; its text is UTF-8 once
+/// validated.
 struct Fields<'a> {
     id: u32,
-    nickname: &'a str,
-    mail_address: &'a str,
+    nickname: &'a [u8],
+    mail_address: &'a [u8],
     user_type: i32,
 }
 
 impl Fields<'_> {
-    /// The rules AddUser applies (`User::parse`), without owning the text.
+    /// The rules AddUser applies (`User::parse`), without owning the text,
+    /// UTF-8 included.
     fn validate(&self) -> Result<UserId, String> {
         let id = self.id;
         let invalid = |e: crate::domain::ValidationError| format!("{id} is invalid: {e}");
         let valid_id = UserId::try_from(id).map_err(invalid)?;
-        Nickname::check(self.nickname).map_err(invalid)?;
-        MailAddress::check(self.mail_address).map_err(invalid)?;
+        Nickname::check_stored(self.nickname).map_err(invalid)?;
+        MailAddress::check_stored(self.mail_address).map_err(invalid)?;
         if UserType::from_number(self.user_type).is_none() {
             return Err(format!("{id} is invalid: user_type {}", self.user_type));
         }
@@ -223,16 +226,17 @@ impl<'a> Reader<'a> {
         Err("a varint of at most 10 bytes")
     }
 
-    /// A string field, or "" (proto3 leaves empty strings out).
-    fn string_if(&mut self, key: u8) -> Result<&'a str, &'static str> {
+    /// A string field's bytes (their UTF-8 is checked by validation), or
+    /// none (proto3 leaves empty strings out).
+    fn string_if(&mut self, key: u8) -> Result<&'a [u8], &'static str> {
         if self.bytes.get(self.at) != Some(&key) {
-            return Ok("");
+            return Ok(&[]);
         }
         self.at += 1;
         let len = usize::try_from(self.varint()?).map_err(|_| "a length")?;
         let end = self.at.checked_add(len).filter(|&e| e <= self.bytes.len());
         let end = end.ok_or("a string that ends inside the user")?;
-        let text = std::str::from_utf8(&self.bytes[self.at..end]).map_err(|_| "UTF-8 text")?;
+        let text = &self.bytes[self.at..end];
         self.at = end;
         Ok(text)
     }
@@ -324,6 +328,9 @@ mod tests {
             b"\x08\x07\x12\x02ab\x1a\x05a@b.c\x20\x05",
             // invalid UTF-8 in the nickname
             b"\x08\x07\x12\x02\xff\xfe\x1a\x05a@b.c\x20\x01",
+            // invalid UTF-8 in the address, and a lone continuation byte
+            b"\x08\x07\x12\x02ab\x1a\x05a@b.\xc3\x20\x01",
+            b"\x08\x07\x12\x02a\x80\x1a\x05a@b.c\x20\x01",
             // fields out of order
             b"\x08\x07\x1a\x05a@b.c\x12\x02ab\x20\x01",
             // a string past the user's end
