@@ -79,17 +79,24 @@ type Answers = Option<Vec<u8>>;
 /// runs on its own thread, so its page cache lives in that thread's glibc
 /// malloc arena, and a cache filled one random leaf at a time over the whole
 /// run ends up scattered among the thread's short-lived allocations (the
-/// JSON of every answer), pinning the arena at 9 to 12 MiB where massif
+/// JSON of every answer, then), pinning the arena at 9 to 12 MiB where massif
 /// counts about 2 MiB live: 61.4 MiB idle after `bench --full` (the target:
-/// under 48), 60.2 MiB at the GetUsersByIds streams' peak (limit 64). At 512
-/// KiB: 34.3 and 38.8 MiB in the same run (256 KiB: 32.0 and 33.6). What the
-/// cache buys is kept: 512 KiB (about 120 pages) holds every interior page of
-/// the users B-tree (55 at 1M users since the `wire` column, the ones every
-/// lookup reads) with room for the leaves a lookup walks; a leaf is nearly
-/// always one `pread` from the OS page cache. That needs each connection to
-/// have a cache of its own, which the bundled SQLite's build doesn't give by
-/// default (`.cargo/config.toml`): pooled, a random id cost 1.84 reads.
-const CACHE_KIB: i64 = 512;
+/// under 48), 60.2 MiB at the GetUsersByIds streams' peak (limit 64). That
+/// was with every connection's cache in one pool (see below); 512 KiB then
+/// gave 34.3 and 38.8 MiB.
+///
+/// What the cache is for: the interior pages of the users B-tree (55 at 1M
+/// users since the `wire` column), which every lookup reads; a leaf is
+/// nearly always one `pread` from the OS page cache whatever the size. At
+/// 512 KiB (about 120 pages) the leaves streaming through evicted the
+/// interior pages between two visits: 1.23 reads per looked-up id, against
+/// 1.02 at 1024 KiB and 0.98 at 2048 (`strace`, 20,000 ids in 100-id calls);
+/// each read costs the kernel 1.5 to 2 µs here. 1024 KiB cost 3.4 MiB of
+/// resident memory after the workloads (30.3 against 26.9 MiB). It needs
+/// each connection to have a cache of its own, which the bundled SQLite's
+/// build doesn't give by default (`.cargo/config.toml`): pooled, a random
+/// id cost 1.84 reads.
+const CACHE_KIB: i64 = 1024;
 
 #[derive(Clone)]
 pub struct SqliteStore {
