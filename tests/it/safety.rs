@@ -406,6 +406,11 @@ async fn outage_and_recovery(wrapper: &[&str], break_file: fn(&Path), repair: fn
             .get_ref()
             .error
     );
+    // Reads of every kind before the outage, and enough at once to open
+    // several read connections: all of them to the file that then breaks,
+    // and none may answer from it after the repair.
+    assert_serves(&mut client, &stored, &[FIRST_ID + 1]).await;
+    reads_at_once(&client, &stored[0]).await;
 
     break_file(dir.path());
     wait_health(&url, "", ServingStatus::NotServing).await;
@@ -425,13 +430,28 @@ async fn outage_and_recovery(wrapper: &[&str], break_file: fn(&Path), repair: fn
     let added = sent(FIRST_ID + 1);
     let r = client.add_user(added.clone()).await.unwrap().into_inner();
     assert_eq!(r.user.as_ref(), Some(&added), "{r:?}");
-    stored.push(added);
+    stored.push(added.clone());
     assert_serves(&mut client, &stored, &[FIRST_ID + 2]).await;
+    // Whichever connection answers: the user added after the repair is there.
+    for _ in 0..4 {
+        reads_at_once(&client, &added).await;
+    }
 
     server.kill_9().await;
     let server = ServerProcess::start(dir.path(), &[]).await;
     assert_serves(&mut server.client().await, &stored, &[FIRST_ID + 2]).await;
     assert_integrity_ok(&[], &db);
+}
+
+/// Sixteen GetUsers of `user` at once, each expected to find it.
+async fn reads_at_once(client: &Client, user: &User) {
+    let reads = (0..16).map(|_| {
+        let mut client = client.clone();
+        async move { client.get_user(UserRequest { id: user.id }).await }
+    });
+    for read in futures::future::join_all(reads).await {
+        assert_eq!(read.unwrap().into_inner().user.as_ref(), Some(user));
+    }
 }
 
 #[tokio::test]
