@@ -406,9 +406,9 @@ async fn outage_and_recovery(wrapper: &[&str], break_file: fn(&Path), repair: fn
             .get_ref()
             .error
     );
-    // Reads of every kind before the outage, and enough at once to open
-    // several read connections: all of them to the file that then breaks,
-    // and none may answer from it after the repair.
+    // Reads of every kind before the outage, and sixteen at once so that
+    // more than one read connection is open: all of them to the file that
+    // then breaks, and none may answer from it after the repair.
     assert_serves(&mut client, &stored, &[FIRST_ID + 1]).await;
     reads_at_once(&client, &stored[0]).await;
 
